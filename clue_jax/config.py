@@ -1,0 +1,163 @@
+"""Every configuration key of clue_jax and its default, in one place.
+
+The config files in `configs/` start from `get_config()` and change a few fields. Defaults are the reference
+library's (scglue 0.4.1 `SCCLUEModel`, method.md §1.5, §2, §3).
+"""
+
+import pathlib
+
+import ml_collections
+
+# The embedded default data (shipped inside the package).
+DATASETS = pathlib.Path(__file__).resolve().parent / "datasets"
+
+AUTO = -1  # For epoch counts and patiences: use the reference's AUTO formula (method.md §3.2).
+
+
+def modality(path: str = "", likelihood: str = "NB", **overrides) -> ml_collections.ConfigDict:
+  """One modality's data and model settings."""
+  config = ml_collections.ConfigDict()
+  config.path = path  # .h5ad file, or .h5mu file holding this modality (see `mod_key`).
+  config.mod_key = ""  # Modality name inside an .h5mu file; "" = this modality's config name.
+  config.layer = "counts"  # Raw counts: a layer name, or "X".
+  config.likelihood = likelihood  # NB | Normal | ZIN | ZILN | Bernoulli | MSE | RMSE.
+  config.batch_key = ""  # obs column holding the batch covariate; "" = one batch.
+  config.label_key = ""  # obs column with cell-type labels (supervised term); "" = none.
+  # Decoder features: var["highly_variable"] when present, else `feature_selection` keeps `n_features` of them:
+  # "all", "dispersion" (Seurat-v1 normalised dispersion on log-CP10k), or "total_counts" (ATAC rule).
+  config.feature_selection = "dispersion"
+  config.n_features = 2000
+  # Encoder input: "pca" / "lsi" fitted on the training cells (method.md §4.1), "obsm" (use `rep_key`), or
+  # "none" (log1p-CP10k of the counts for NB, the raw values otherwise).
+  config.rep = "pca"
+  config.rep_key = ""  # obsm key when rep == "obsm".
+  config.rep_dim = 100  # Components of the PCA/LSI (clamped to the number of features and cells).
+  config.rep_layer = "X"  # Matrix the PCA is fitted on: a layer name or "X".
+  config.rep_normalize = "none"  # Applied before the PCA: "none" | "log1p_cp10k" | "clr".
+  config.rep_features = "all"  # PCA on "all" features or only the "decoder" features.
+  config.weight = 1.0  # modality_weight (rescaled to mean 1 over modalities).
+  config.update(overrides)
+  return config
+
+
+def get_config() -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict()
+  config.seed = 0
+
+  config.data = ml_collections.ConfigDict()
+  config.data.modalities = ml_collections.ConfigDict()  # name -> modality(); config order = modality order.
+  config.data.modality_order = ""  # Comma-separated names; "" = sorted names. Fixes the subspace order.
+  config.data.pair_by = "obs_names"  # "obs_names" pairs cells across modalities; "none" makes all unpaired.
+  config.data.val_split = 0.1  # Fraction of cell IDs held out for the validation loss.
+  config.data.heldout_pairs = 0.0  # Fraction of paired IDs whose pairing is hidden (held-out FOSCTTM check).
+  config.data.count_check = "warn"  # Non-integer counts under NB: "warn" or "error".
+
+  config.model = ml_collections.ConfigDict()
+  config.model.latent_dim = 50  # Per subspace; the embedding has K * latent_dim dimensions.
+  config.model.encoder_depth = 2
+  config.model.encoder_width = 256
+  config.model.decoder_depth = 2
+  config.model.decoder_width = 256
+  config.model.discriminator_depth = 2
+  config.model.discriminator_width = 256
+  config.model.dropout = 0.2
+  config.model.shared_batches = False  # Condition the discriminator on the batch one-hot.
+  config.model.normalize_u = True  # L2-normalise the sampled embeddings (method.md §2).
+
+  config.loss = ml_collections.ConfigDict()
+  config.loss.lam_data = 1.0
+  config.loss.lam_kl = 1.0
+  config.loss.lam_joint_cross = 0.02
+  config.loss.lam_real_cross = 0.02
+  config.loss.lam_cos = 0.02
+  config.loss.lam_align = 0.02
+  config.loss.lam_sup = 0.02
+
+  config.train = ml_collections.ConfigDict()
+  config.train.lr = 2e-3
+  config.train.batch_size = 128  # Global batch; must be divisible by the device count.
+  config.train.max_epochs = AUTO
+  config.train.align_burnin = AUTO
+  config.train.patience = AUTO  # Early stopping (after burn-in); 0 disables it.
+  config.train.reduce_lr_patience = AUTO  # ReduceLROnPlateau (factor 0.1) on both optimisers; 0 disables it.
+  config.train.auto_epoch_cap = 1000  # AUTO values are scaled down together so max_epochs <= this cap.
+  config.train.monitor = "val_loss"  # Early stopping / best checkpoints on "val_loss" or "heldout_foscttm".
+  config.train.keep_best = 3  # Best checkpoints kept; the latest of them is restored at the end.
+  config.train.steps_per_dispatch = 8  # Train steps run in one jitted lax.scan.
+  config.train.num_devices = 0  # 0 = all local devices.
+  config.train.progress = True  # Progress bar on stderr.
+  return config
+
+
+def competition_cite(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The competition's CITE-seq model sizes and weights (method.md §1.5, §2)."""
+  config.seed = 5
+  config.model.latent_dim = 20
+  config.model.encoder_width = 512
+  config.model.decoder_depth = 1
+  config.model.decoder_width = 128
+  config.model.discriminator_width = 128
+  config.model.shared_batches = True
+  config.loss.lam_joint_cross = 2.0
+  config.loss.lam_cos = 1.0
+  config.loss.lam_align = 2.0
+  return config
+
+
+class ConfigError(ValueError):
+  """A config value that cannot work; the message names the key and the allowed values."""
+
+
+def _check(ok: bool, key: str, value, allowed: str):
+  if not ok:
+    raise ConfigError(f"{key}={value!r} is not allowed: {allowed}")
+
+
+def validate(config: ml_collections.ConfigDict):
+  """Rejects impossible values before any data is read or anything is compiled."""
+  # Imported here so that config files load without pulling in JAX.
+  from clue_jax.model import LIKELIHOODS
+
+  names = list(config.data.modalities.keys())
+  _check(len(names) >= 2, "data.modalities", names, "configure at least two modalities")
+  for name in names:
+    spec, key = config.data.modalities[name], f"data.modalities.{name}"
+    _check(spec.likelihood in LIKELIHOODS, f"{key}.likelihood", spec.likelihood, f"one of {LIKELIHOODS}")
+    _check(spec.rep in ("pca", "lsi", "obsm", "none"), f"{key}.rep", spec.rep, "pca, lsi, obsm or none")
+    _check(spec.rep != "obsm" or bool(spec.rep_key), f"{key}.rep_key", spec.rep_key,
+           "name the obsm key when rep is 'obsm'")
+    _check(spec.rep_dim > 0, f"{key}.rep_dim", spec.rep_dim, "a positive integer")
+    _check(spec.n_features > 0, f"{key}.n_features", spec.n_features, "a positive integer")
+    _check(spec.feature_selection in ("all", "dispersion", "total_counts"), f"{key}.feature_selection",
+           spec.feature_selection, "all, dispersion or total_counts")
+    _check(spec.rep_normalize in ("none", "log1p_cp10k", "clr"), f"{key}.rep_normalize", spec.rep_normalize,
+           "none, log1p_cp10k or clr")
+    _check(spec.rep_features in ("all", "decoder"), f"{key}.rep_features", spec.rep_features, "all or decoder")
+    _check(spec.weight > 0, f"{key}.weight", spec.weight, "a positive number")
+  _check(config.data.pair_by in ("obs_names", "none"), "data.pair_by", config.data.pair_by, "obs_names or none")
+  _check(0 <= config.data.val_split < 1, "data.val_split", config.data.val_split, "a fraction in [0, 1)")
+  _check(0 <= config.data.heldout_pairs < 1, "data.heldout_pairs", config.data.heldout_pairs,
+         "a fraction in [0, 1)")
+  _check(config.data.count_check in ("warn", "error"), "data.count_check", config.data.count_check,
+         "warn or error")
+  for key in ("latent_dim", "encoder_width", "decoder_width", "discriminator_width"):
+    _check(config.model[key] > 0, f"model.{key}", config.model[key], "a positive integer")
+  for key in ("encoder_depth", "decoder_depth", "discriminator_depth"):
+    _check(config.model[key] >= 0, f"model.{key}", config.model[key], "an integer >= 0")
+  _check(0 <= config.model.dropout < 1, "model.dropout", config.model.dropout, "a probability in [0, 1)")
+  for key, value in config.loss.items():
+    _check(value >= 0, f"loss.{key}", value, "a number >= 0")
+  train = config.train
+  _check(train.lr > 0, "train.lr", train.lr, "a positive number")
+  _check(train.batch_size > 0, "train.batch_size", train.batch_size, "a positive integer")
+  for key in ("max_epochs", "align_burnin", "patience", "reduce_lr_patience"):
+    _check(train[key] == AUTO or train[key] >= 0 and (key != "max_epochs" or train[key] > 0), f"train.{key}",
+           train[key], f"{AUTO} (AUTO) or a non-negative integer (max_epochs: positive)")
+  _check(train.auto_epoch_cap >= 0, "train.auto_epoch_cap", train.auto_epoch_cap, "0 (no cap) or a positive integer")
+  _check(train.monitor in ("val_loss", "heldout_foscttm"), "train.monitor", train.monitor,
+         "val_loss or heldout_foscttm")
+  _check(train.monitor != "heldout_foscttm" or config.data.heldout_pairs > 0, "train.monitor", train.monitor,
+         "heldout_foscttm needs data.heldout_pairs > 0")
+  _check(train.keep_best > 0, "train.keep_best", train.keep_best, "a positive integer")
+  _check(train.steps_per_dispatch > 0, "train.steps_per_dispatch", train.steps_per_dispatch, "a positive integer")
+  _check(train.num_devices >= 0, "train.num_devices", train.num_devices, "0 (all) or a positive integer")

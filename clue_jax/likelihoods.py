@@ -1,0 +1,60 @@
+"""Element-wise log-likelihoods of the decoder distributions (method.md §1.3).
+
+Every function returns log p(x) with the shape of `x`, except the sham `mse` / `rmse` likelihoods, which, like the
+reference, return minus the mean squared (root-mean-squared) error over all elements broadcast to `x`'s shape, so
+that any mean over rows and features gives back exactly -MSE (-RMSE).
+"""
+
+import jax
+import jax.numpy as jnp
+from jax.scipy.special import gammaln
+
+EPS = 1e-7
+_HALF_LOG_2PI = 0.5 * jnp.log(2.0 * jnp.pi)
+
+
+def negative_binomial(x, mean, inverse_dispersion):
+  """NB with the given mean and inverse dispersion theta, as torch's NegativeBinomial(theta, logits).
+
+  The logits are log(mean + eps) - log(theta), as in the reference; x may be non-integer (lgamma form).
+  """
+  theta = inverse_dispersion
+  logits = jnp.log(mean + EPS) - jnp.log(theta)
+  log_norm = gammaln(x + theta) - gammaln(theta) - gammaln(x + 1.0)
+  return log_norm + theta * jax.nn.log_sigmoid(-logits) + x * jax.nn.log_sigmoid(logits)
+
+
+def normal(x, loc, scale):
+  z = (x - loc) / scale
+  return -0.5 * z * z - jnp.log(scale) - _HALF_LOG_2PI
+
+
+def zero_inflated_normal(x, loc, scale, zi_logits):
+  """Normal mixed with a point mass at 0 of weight sigmoid(zi_logits); |x| < eps counts as zero."""
+  raw = normal(x, loc, scale)
+  is_zero = jnp.abs(x) < EPS
+  zero_case = jnp.logaddexp(zi_logits, raw) - jax.nn.softplus(zi_logits)
+  return jnp.where(is_zero, zero_case, raw - jax.nn.softplus(zi_logits))
+
+
+def zero_inflated_log_normal(x, loc, scale, zi_logits):
+  """LogNormal(loc, scale) mixed with a point mass at 0 of weight sigmoid(zi_logits)."""
+  is_zero = jnp.abs(x) < EPS
+  safe_x = jnp.where(is_zero, 1.0, x)
+  log_x = jnp.log(safe_x)
+  raw = normal(log_x, loc, scale) - log_x
+  return jnp.where(is_zero, jax.nn.log_sigmoid(zi_logits), raw - jax.nn.softplus(zi_logits))
+
+
+def bernoulli(x, logits):
+  return x * jax.nn.log_sigmoid(logits) + (1.0 - x) * jax.nn.log_sigmoid(-logits)
+
+
+def mse(x, loc):
+  """Sham likelihood: -mean((x - loc)^2) over all elements, broadcast to x's shape."""
+  return jnp.broadcast_to(-jnp.mean(jnp.square(x - loc)), x.shape)
+
+
+def rmse(x, loc):
+  """Sham likelihood: -sqrt(mean((x - loc)^2)) over all elements, broadcast to x's shape."""
+  return jnp.broadcast_to(-jnp.sqrt(jnp.mean(jnp.square(x - loc))), x.shape)

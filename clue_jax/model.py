@@ -1,0 +1,275 @@
+"""CLUE's Flax (Linen) modules: encoder matrix, cross-linked decoders, modality discriminator, classifier.
+
+Layer by layer as the reference (method.md §1): PyTorch initialisation, activation before BatchNorm, the batch
+one-hot injected at every decoder layer, zero-initialised per-batch heads. Modules are pure: all state lives in the
+`params` and `batch_stats` collections, all randomness in the `dropout` rng stream.
+"""
+
+from typing import NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+EPS = 1e-7
+LEAKY_SLOPE = 0.2
+
+LIKELIHOODS = ("NB", "Normal", "ZIN", "ZILN", "Bernoulli", "MSE", "RMSE")
+# Per-feature, per-batch heads of each likelihood (method.md §1.3 table).
+HEADS = {
+    "NB": ("scale_lin", "bias", "log_theta"),
+    "Normal": ("std_lin",),
+    "ZIN": ("std_lin", "zi_logits"),
+    "ZILN": ("std_lin", "zi_logits"),
+    "Bernoulli": ("scale_lin", "bias"),
+    "MSE": (),
+    "RMSE": (),
+}
+
+
+class ModalitySpec(NamedTuple):
+  """Shapes and choices of one modality, as the model needs them."""
+
+  name: str
+  input_dim: int  # Encoder input width (representation or features).
+  n_features: int  # Decoder output width.
+  n_batches: int
+  likelihood: str
+  normalize_input: bool  # Encoder input is log1p-CP10k of the counts (NB without a representation).
+
+
+def torch_uniform(fan_in: int):
+  """PyTorch's default Linear initialisation, U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
+  bound = 1.0 / jnp.sqrt(jnp.asarray(fan_in, jnp.float32))
+
+  def init(key, shape, dtype=jnp.float32):
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+  return init
+
+
+class Linear(nn.Module):
+  features: int
+
+  @nn.compact
+  def __call__(self, x):
+    fan_in = x.shape[-1]
+    kernel = self.param("kernel", torch_uniform(fan_in), (fan_in, self.features))
+    bias = self.param("bias", torch_uniform(fan_in), (self.features,))
+    return x @ kernel + bias
+
+
+class MaskedBatchNorm(nn.Module):
+  """BatchNorm1d with PyTorch semantics over the rows selected by `row_mask`.
+
+  Training normalises with the biased variance of the selected rows and moves the running statistics
+  (momentum 0.1) towards their mean and *unbiased* variance; no rows selected leaves them untouched, as the
+  reference, which skips the call. Evaluation uses the running statistics.
+  """
+
+  momentum: float = 0.1
+  epsilon: float = 1e-5
+
+  @nn.compact
+  def __call__(self, x, train: bool, row_mask=None):
+    width = x.shape[-1]
+    scale = self.param("scale", nn.initializers.ones, (width,))
+    bias = self.param("bias", nn.initializers.zeros, (width,))
+    running_mean = self.variable("batch_stats", "mean", jnp.zeros, (width,))
+    running_var = self.variable("batch_stats", "var", jnp.ones, (width,))
+    if not train:
+      return (x - running_mean.value) / jnp.sqrt(running_var.value + self.epsilon) * scale + bias
+    weights = jnp.ones(x.shape[:-1], x.dtype) if row_mask is None else row_mask.astype(x.dtype)
+    count = weights.sum()
+    weights = weights[..., None]
+    mean = (weights * x).sum(0) / jnp.maximum(count, 1.0)
+    var = (weights * jnp.square(x - mean)).sum(0) / jnp.maximum(count, 1.0)
+    if not self.is_initializing():
+      unbiased = var * count / jnp.maximum(count - 1.0, 1.0)
+      seen = count > 0
+      running_mean.value = jnp.where(
+          seen, (1 - self.momentum) * running_mean.value + self.momentum * mean, running_mean.value)
+      running_var.value = jnp.where(
+          seen, (1 - self.momentum) * running_var.value + self.momentum * unbiased, running_var.value)
+    return (x - mean) / jnp.sqrt(var + self.epsilon) * scale + bias
+
+
+class HiddenBlock(nn.Module):
+  """Linear -> LeakyReLU(0.2) -> BatchNorm -> Dropout."""
+
+  width: int
+  dropout: float
+  train: bool
+
+  @nn.compact
+  def __call__(self, x, row_mask=None):
+    x = nn.leaky_relu(Linear(self.width)(x), LEAKY_SLOPE)
+    x = MaskedBatchNorm()(x, self.train, row_mask)
+    return nn.Dropout(self.dropout, deterministic=not self.train)(x)
+
+
+class SubspaceEncoder(nn.Module):
+  """One cell of the encoder matrix: an MLP to one subspace's Gaussian (loc, softplus + eps)."""
+
+  latent_dim: int
+  depth: int
+  width: int
+  dropout: float
+  train: bool
+
+  @nn.compact
+  def __call__(self, x):
+    for _ in range(self.depth):
+      x = HiddenBlock(self.width, self.dropout, self.train)(x)
+    loc = Linear(self.latent_dim, name="loc")(x)
+    std = nn.softplus(Linear(self.latent_dim, name="std")(x)) + EPS
+    return loc, std
+
+
+class ModalityEncoder(nn.Module):
+  """A modality's row of the encoder matrix: K subspace MLPs (vmapped) plus the NB library-size head."""
+
+  spec: ModalitySpec
+  n_subspaces: int
+  latent_dim: int
+  depth: int
+  width: int
+  dropout: float
+
+  @nn.compact
+  def __call__(self, rep, counts, train: bool, with_library: bool = True):
+    """Returns loc and std of q(u | x) over all K * latent_dim dimensions, and the library sizes (or None)."""
+    x = counts if rep is None else rep
+    if self.spec.normalize_input:
+      x = jnp.log1p(counts * 1e4 / jnp.maximum(counts.sum(-1, keepdims=True), EPS))
+    subspaces = nn.vmap(
+        SubspaceEncoder,
+        variable_axes={"params": 0, "batch_stats": 0},
+        split_rngs={"params": True, "dropout": True},
+        in_axes=None,
+        out_axes=1,
+        axis_size=self.n_subspaces,
+    )(self.latent_dim, self.depth, self.width, self.dropout, train, name="subspaces")
+    loc, std = subspaces(x)  # (B, K, d) each.
+    batch = x.shape[0]
+    loc, std = loc.reshape(batch, -1), std.reshape(batch, -1)
+    library = None
+    if self.spec.likelihood == "NB" and (with_library or self.is_initializing()):
+      library = nn.relu(Linear(self.n_subspaces, name="library")(counts))
+    return loc, std, library
+
+
+class ModalityDecoder(nn.Module):
+  """Decodes one subspace (plus the batch one-hot at every layer) into the likelihood's parameters."""
+
+  spec: ModalitySpec
+  depth: int
+  width: int
+  dropout: float
+
+  @nn.compact
+  def __call__(self, z, batch_index, library, train: bool, row_mask=None):
+    onehot = jax.nn.one_hot(batch_index, self.spec.n_batches, dtype=z.dtype)
+    h = jnp.concatenate([z, onehot], -1)
+    for _ in range(self.depth):
+      h = HiddenBlock(self.width, self.dropout, train)(h, row_mask)
+      h = jnp.concatenate([h, onehot], -1)
+    loc = Linear(self.spec.n_features, name="loc")(h)
+    shape = (self.spec.n_batches, self.spec.n_features)
+    heads = {name: self.param(name, nn.initializers.zeros, shape)[batch_index]
+             for name in HEADS[self.spec.likelihood]}
+    return distribution_params(self.spec.likelihood, loc, heads, library)
+
+
+def distribution_params(likelihood: str, loc, heads, library):
+  """The decoder distribution's parameters from the decoder output `loc` and the gathered heads."""
+  if likelihood == "NB":
+    proportions = jax.nn.softmax(nn.softplus(heads["scale_lin"]) * loc + heads["bias"], axis=-1)
+    return {"mean": proportions * library[:, None], "inverse_dispersion": jnp.exp(heads["log_theta"])}
+  if likelihood == "Bernoulli":
+    return {"logits": nn.softplus(heads["scale_lin"]) * loc + heads["bias"]}
+  if likelihood in ("MSE", "RMSE"):
+    return {"loc": loc}
+  params = {"loc": loc, "scale": nn.softplus(heads["std_lin"]) + EPS}
+  if likelihood in ("ZIN", "ZILN"):
+    params["zi_logits"] = heads["zi_logits"]
+  return params
+
+
+class Discriminator(nn.Module):
+  """Modality classifier over the full embedding: [Linear -> LeakyReLU -> Dropout] x depth -> Linear(K)."""
+
+  n_modalities: int
+  depth: int
+  width: int
+  dropout: float
+
+  @nn.compact
+  def __call__(self, v, train: bool):
+    for _ in range(self.depth):
+      v = nn.leaky_relu(Linear(self.width)(v), LEAKY_SLOPE)
+      v = nn.Dropout(self.dropout, deterministic=not train)(v)
+    return Linear(self.n_modalities)(v)
+
+
+class CLUE(nn.Module):
+  """The whole model. Methods are called one by one (within one `nn.apply`) by the objectives in `losses.py`."""
+
+  specs: tuple[ModalitySpec, ...]
+  latent_dim: int = 50
+  encoder_depth: int = 2
+  encoder_width: int = 256
+  decoder_depth: int = 2
+  decoder_width: int = 256
+  discriminator_depth: int = 2
+  discriminator_width: int = 256
+  dropout: float = 0.2
+  shared_batches: bool = False
+  n_labels: int = 0  # > 0 adds the linear cell-type classifier.
+
+  def setup(self):
+    k = len(self.specs)
+    self.encoders = {s.name: ModalityEncoder(s, k, self.latent_dim, self.encoder_depth, self.encoder_width,
+                                             self.dropout) for s in self.specs}
+    self.decoders = {s.name: ModalityDecoder(s, self.decoder_depth, self.decoder_width, self.dropout)
+                     for s in self.specs}
+    self.discriminator = Discriminator(k, self.discriminator_depth, self.discriminator_width, self.dropout)
+    if self.n_labels:
+      self.classifier = Linear(self.n_labels)
+
+  @property
+  def names(self) -> tuple[str, ...]:
+    return tuple(s.name for s in self.specs)
+
+  def encode(self, name, rep, counts, train: bool, with_library: bool = True):
+    return self.encoders[name](rep, counts, train, with_library)
+
+  def decode(self, name, z, batch_index, library, train: bool, row_mask=None):
+    return self.decoders[name](z, batch_index, library, train, row_mask)
+
+  def discriminate(self, v, batch_index, train: bool):
+    if self.shared_batches:
+      v = jnp.concatenate([v, jax.nn.one_hot(batch_index, self.specs[0].n_batches, dtype=v.dtype)], -1)
+    return self.discriminator(v, train)
+
+  def classify(self, v):
+    return self.classifier(v)
+
+  def subspace(self, u, name):
+    """The slice of a full embedding that belongs to modality `name`."""
+    j = self.names.index(name)
+    return u[:, j * self.latent_dim:(j + 1) * self.latent_dim]
+
+  def __call__(self, inputs):
+    """Touches every submodule once (used only to initialise variables)."""
+    v = None
+    for s in self.specs:
+      x = inputs[s.name]
+      loc, _, library = self.encode(s.name, x.get("rep"), x["counts"], train=False)
+      self.decode(s.name, self.subspace(loc, s.name), x["batch"],
+                  None if library is None else library[:, 0], train=False)
+      v = loc
+    logits = self.discriminate(v, inputs[self.specs[0].name]["batch"], train=False)
+    if self.n_labels:
+      self.classify(v)
+    return logits

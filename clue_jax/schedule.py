@@ -1,0 +1,104 @@
+"""The training schedule (method.md §3.2): AUTO epoch counts, burn-in noise, early stopping, ReduceLROnPlateau.
+
+Host-side and JSON-serialisable, so that it is checkpointed with the model and a resumed run makes the same
+decisions.
+"""
+
+import dataclasses
+import math
+
+AUTO = -1
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+  max_epochs: int
+  align_burnin: int
+  patience: int
+  reduce_lr_patience: int
+
+
+def auto_plan(n_train_ids: int, batch_size: int, lr: float, max_epochs=AUTO, align_burnin=AUTO, patience=AUTO,
+              reduce_lr_patience=AUTO, cap: int = 0) -> Plan:
+  """The reference's AUTO formulas, max(ceil(c / (lr * batches_per_epoch)), c) for c = 72, 12, 9, 3.
+
+  On small data they explode (thousands of epochs); with `cap` > 0 every AUTO value is scaled down by the same
+  factor so that the AUTO max_epochs stays <= cap (values given explicitly are kept).
+  """
+  batches_per_epoch = n_train_ids / batch_size
+
+  def formula(c):
+    return max(math.ceil(c / (lr * batches_per_epoch)), c)
+
+  scale = 1.0
+  if cap > 0 and max_epochs == AUTO and formula(72) > cap:
+    scale = cap / formula(72)
+
+  def pick(given, c):
+    return given if given != AUTO else max(math.ceil(formula(c) * scale), 1)
+
+  return Plan(pick(max_epochs, 72), pick(align_burnin, 12), pick(patience, 9), pick(reduce_lr_patience, 3))
+
+
+def noise_scale(epoch: int, align_burnin: int) -> float:
+  """a(e) = max(1 - (e - 1) / E_burn, 0) for the 1-based epoch e; 0 without burn-in."""
+  if align_burnin <= 0:
+    return 0.0
+  return max(1.0 - (epoch - 1) / align_burnin, 0.0)
+
+
+@dataclasses.dataclass
+class Schedule:
+  """Per-epoch decisions on a monitored value (lower is better), active after burn-in."""
+
+  plan: Plan
+  lr: float
+  epoch: int = 0  # Last finished epoch.
+  best_stop: float = math.inf  # Early stopping (ignite: improvement means strictly better, min_delta 0).
+  bad_stop: int = 0
+  best_plateau: float = math.inf  # ReduceLROnPlateau (torch: relative threshold 1e-4, factor 0.1).
+  bad_plateau: int = 0
+  stopped: bool = False
+  lr_reductions: int = 0
+
+  def after_epoch(self, epoch: int, monitored: float) -> dict:
+    """Records epoch `epoch`'s monitored value; returns what changed."""
+    self.epoch = epoch
+    events = {"lr_reduced": False, "early_stop": False}
+    if epoch <= self.plan.align_burnin:
+      return events
+    if self.plan.patience > 0:
+      if monitored < self.best_stop:
+        self.best_stop, self.bad_stop = monitored, 0
+      else:
+        self.bad_stop += 1
+        if self.bad_stop >= self.plan.patience:
+          self.stopped = events["early_stop"] = True
+    if self.plan.reduce_lr_patience > 0:
+      if monitored < self.best_plateau * (1 - 1e-4):
+        self.best_plateau, self.bad_plateau = monitored, 0
+      else:
+        self.bad_plateau += 1
+        if self.bad_plateau > self.plan.reduce_lr_patience:
+          self.lr *= 0.1
+          self.bad_plateau = 0
+          self.lr_reductions += 1
+          events["lr_reduced"] = True
+    if epoch >= self.plan.max_epochs:
+      self.stopped = True
+    return events
+
+  @property
+  def done(self) -> bool:
+    return self.stopped or self.epoch >= self.plan.max_epochs
+
+  def to_json(self) -> dict:
+    out = dataclasses.asdict(self)
+    return {k: (None if isinstance(v, float) and math.isinf(v) else v) for k, v in out.items()}
+
+  @classmethod
+  def from_json(cls, data: dict) -> "Schedule":
+    data = dict(data)
+    plan = Plan(**data.pop("plan"))
+    values = {k: (math.inf if v is None else v) for k, v in data.items()}
+    return cls(plan=plan, **values)

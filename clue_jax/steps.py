@@ -1,0 +1,125 @@
+"""Train state, the train step (discriminator update, then generator update), evaluation and encoding.
+
+Pure functions of arrays: the trainer jits them over its mesh. Optimisers are two RMSprop states with PyTorch
+semantics (decay 0.99, eps 1e-8 outside the sqrt); the learning rate is a traced argument so that
+ReduceLROnPlateau changes it without recompiling. A step whose losses are not finite changes nothing but the
+step counter.
+"""
+
+from typing import Any
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+from clue_jax import losses
+from clue_jax.model import CLUE
+
+DISCRIMINATOR = "discriminator"
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: Any
+  batch_stats: Any
+  opt_vae: Any
+  opt_dsc: Any
+
+
+def rmsprop() -> optax.GradientTransformation:
+  """torch.optim.RMSprop's update direction (the learning rate is applied by the step)."""
+  return optax.scale_by_rms(decay=0.99, eps=1e-8, eps_in_sqrt=False)
+
+
+def split_params(params):
+  """(encoders + decoders + classifier, discriminator): the two optimisers' parameter sets."""
+  vae = {k: v for k, v in params.items() if k != DISCRIMINATOR}
+  return vae, params[DISCRIMINATOR]
+
+
+def init_state(model: CLUE, key, example_batch) -> TrainState:
+  variables = model.init(key, example_batch)
+  params = variables["params"]
+  vae, dsc = split_params(params)
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=variables["batch_stats"],
+                    opt_vae=rmsprop().init(vae), opt_dsc=rmsprop().init(dsc))
+
+
+def count_params(params) -> int:
+  return sum(x.size for x in jax.tree.leaves(params))
+
+
+def make_train_step(model: CLUE, weights: losses.Weights, normalize_u: bool):
+  """`step(state, batch, key, lr, noise_scale) -> (state, measurements)` for one minibatch."""
+  optimizer = rmsprop()
+  dsc_apply = nn.apply(losses.discriminator_objective, model, mutable=["batch_stats"])
+  gen_apply = nn.apply(losses.generator_objective, model, mutable=["batch_stats"])
+
+  def step(state: TrainState, batch, key, lr, noise_scale):
+    key = jax.random.fold_in(key, state.step)
+    dsc_dropout, dsc_key, gen_dropout, gen_key = jax.random.split(key, 4)
+    vae, dsc = split_params(state.params)
+
+    def dsc_loss(dsc_params):
+      variables = {"params": {**vae, DISCRIMINATOR: dsc_params}, "batch_stats": state.batch_stats}
+      loss, mutated = dsc_apply(variables, batch, dsc_key, noise_scale, weights, rngs={"dropout": dsc_dropout})
+      return loss, mutated["batch_stats"]
+
+    (dsc_value, batch_stats), grads = jax.value_and_grad(dsc_loss, has_aux=True)(dsc)
+    updates, opt_dsc = optimizer.update(grads, state.opt_dsc)
+    new_dsc = jax.tree.map(lambda p, u: p - lr * u, dsc, updates)
+
+    def gen_loss(vae_params):
+      variables = {"params": {**vae_params, DISCRIMINATOR: new_dsc}, "batch_stats": batch_stats}
+      (loss, terms), mutated = gen_apply(variables, batch, gen_key, noise_scale, weights, normalize_u,
+                                         rngs={"dropout": gen_dropout})
+      return loss, (terms, mutated["batch_stats"])
+
+    (gen_value, (terms, batch_stats)), grads = jax.value_and_grad(gen_loss, has_aux=True)(vae)
+    updates, opt_vae = optimizer.update(grads, state.opt_vae)
+    new_vae = jax.tree.map(lambda p, u: p - lr * u, vae, updates)
+
+    finite = jnp.isfinite(gen_value) & jnp.isfinite(dsc_value)
+    proposed = TrainState(step=state.step + 1, params={**new_vae, DISCRIMINATOR: new_dsc},
+                          batch_stats=batch_stats, opt_vae=opt_vae, opt_dsc=opt_dsc)
+    kept = state.replace(step=state.step + 1)
+    new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), proposed, kept)
+    return new_state, {**terms, "finite": finite.astype(jnp.float32)}
+
+  return step
+
+
+def make_train_chunk(model: CLUE, weights: losses.Weights, normalize_u: bool):
+  """Runs a chunk of steps (leading axis of every batch array) in one `lax.scan`."""
+  step = make_train_step(model, weights, normalize_u)
+
+  def chunk(state, batches, key, lr, noise_scale):
+    return jax.lax.scan(lambda s, b: step(s, b, key, lr, noise_scale), state, batches)
+
+  return chunk
+
+
+def make_eval_step(model: CLUE, weights: losses.Weights, normalize_u: bool):
+  """Validation loss terms in eval mode (running statistics, no dropout), anneal noise included."""
+  gen_apply = nn.apply(losses.generator_objective, model)
+
+  def evaluate(state: TrainState, batch, key, noise_scale):
+    variables = {"params": state.params, "batch_stats": state.batch_stats}
+    _, terms = gen_apply(variables, batch, key, noise_scale, weights, normalize_u, train=False)
+    return terms
+
+  return evaluate
+
+
+def make_encode(model: CLUE, name: str):
+  """Posterior means (all K * latent_dim dimensions) of modality `name`'s cells."""
+
+  def encode(state: TrainState, rep, counts):
+    variables = {"params": state.params, "batch_stats": state.batch_stats}
+    loc, _, _ = model.apply(variables, name, rep, counts, False, False, method=CLUE.encode)
+    return loc
+
+  return encode

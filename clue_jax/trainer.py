@@ -1,0 +1,341 @@
+"""Training loop: owns devices, files and the schedule; the math lives in `losses.py` and `steps.py`.
+
+`train_and_evaluate(config, workdir)` writes `config.json`, `metrics.jsonl`, `tb/`, `checkpoints/` and
+`embeddings/` under `workdir`, and resumes from the latest checkpoint when the workdir already holds the run.
+"""
+
+import json
+import math
+import os
+import pathlib
+import shutil
+import time
+
+import anndata as ad
+import jax
+import numpy as np
+import pandas as pd
+
+from clue_jax import checkpoint, config as config_lib, data, losses, metrics, parallel, progress, sampler
+from clue_jax import schedule as schedule_lib
+from clue_jax import steps, writer
+from clue_jax.model import CLUE, ModalitySpec
+
+ENCODE_CHUNK = 1024
+
+
+class TrainingError(RuntimeError):
+  """Training cannot go on (non-finite loss, incompatible workdir)."""
+
+
+# ------------------------------------------------------------------------------------------------ model setup
+def model_from(config, dataset: data.Dataset) -> CLUE:
+  specs = []
+  for name, m in dataset.modalities.items():
+    spec = config.data.modalities[name]
+    input_dim = m.counts.shape[1] if m.rep is None else m.rep.shape[1]
+    specs.append(ModalitySpec(name, input_dim, m.counts.shape[1], len(m.batch_categories), spec.likelihood,
+                              normalize_input=m.rep is None and spec.likelihood == "NB"))
+  has_labels = any(config.data.modalities[n].label_key for n in dataset.names)
+  mc = config.model
+  return CLUE(tuple(specs), latent_dim=mc.latent_dim, encoder_depth=mc.encoder_depth,
+              encoder_width=mc.encoder_width, decoder_depth=mc.decoder_depth, decoder_width=mc.decoder_width,
+              discriminator_depth=mc.discriminator_depth, discriminator_width=mc.discriminator_width,
+              dropout=mc.dropout, shared_batches=mc.shared_batches,
+              n_labels=len(dataset.label_categories) if has_labels else 0)
+
+
+def loss_weights(config, names) -> losses.Weights:
+  lc = config.loss
+  raw = np.array([config.data.modalities[n].weight for n in names], np.float64)
+  return losses.Weights(data=lc.lam_data, kl=lc.lam_kl, joint_cross=lc.lam_joint_cross,
+                        real_cross=lc.lam_real_cross, cos=lc.lam_cos, align=lc.lam_align, sup=lc.lam_sup,
+                        modality=tuple(float(w) for w in raw / raw.mean()))
+
+
+# ------------------------------------------------------------------------------- preprocessing <-> checkpoint
+def preprocess_tree(dataset: data.Dataset) -> dict:
+  """The fitted preprocessing as a pytree of numeric arrays (never empty)."""
+  tree = {"format": np.ones((), np.int32)}
+  for name, m in dataset.modalities.items():
+    if m.preprocess:
+      tree[name] = {k: np.asarray(v) for k, v in m.preprocess.items() if k != "kind"}
+  return tree
+
+
+def run_meta(config, dataset: data.Dataset) -> dict:
+  return {
+      "config": config.to_dict(),
+      "modalities": list(dataset.names),
+      "features": {n: m.features.tolist() for n, m in dataset.modalities.items()},
+      "batch_categories": {n: list(m.batch_categories) for n, m in dataset.modalities.items()},
+      "label_categories": list(dataset.label_categories),
+      "preprocess_kind": {n: str(m.preprocess["kind"]) for n, m in dataset.modalities.items() if m.preprocess},
+  }
+
+
+def saved_preprocessing(meta: dict, tree: dict) -> dict:
+  """What `data.load_dataset(saved=...)` needs from a checkpoint."""
+  states = {n: {} for n in meta["modalities"]}
+  for name, kind in meta["preprocess_kind"].items():
+    states[name] = {"kind": np.array(kind), **{k: np.asarray(v) for k, v in tree[name].items()}}
+  return {"preprocess": states, "label_categories": meta["label_categories"],
+          "batch_categories": {n: tuple(c) for n, c in meta["batch_categories"].items()}}
+
+
+# ------------------------------------------------------------------------------------------------- workdir
+def comparable(config_dict: dict) -> dict:
+  """The config without the keys that may change between a run and its resumption."""
+  out = json.loads(json.dumps(config_dict))
+  out["train"].pop("progress", None)
+  return out
+
+
+def prepare_workdir(config, workdir: pathlib.Path, ckpts: checkpoint.Checkpoints):
+  """Refuses a workdir holding another run; writes config.json (atomically)."""
+  latest = ckpts.latest_epoch()
+  if latest is not None:
+    saved = ckpts.restore_meta(latest)["config"]
+    if comparable(saved) != comparable(config.to_dict()):
+      raise TrainingError(
+          f"{workdir} holds a run with a different config (see {workdir / 'config.json'}); use a new --workdir "
+          f"or delete that directory to start over")
+  write_atomically(workdir / "config.json", lambda p: p.write_text(config.to_json_best_effort(indent=2)))
+
+
+def write_atomically(path: pathlib.Path, write):
+  tmp = path.with_name(path.name + ".tmp")
+  write(tmp)
+  os.replace(tmp, path)
+
+
+# --------------------------------------------------------------------------------------------------- encoding
+class Encoder:
+  """Posterior means of any rows of a modality, in fixed-size padded chunks (compiled once per modality)."""
+
+  def __init__(self, model: CLUE, dataset: data.Dataset, mesh):
+    self.dataset = dataset
+    self.sharding = parallel.batch_sharding(mesh)
+    n_dev = mesh.devices.size
+    self.chunk = math.ceil(ENCODE_CHUNK / n_dev) * n_dev
+    self.fns = {n: jax.jit(steps.make_encode(model, n)) for n in dataset.names}
+
+  def __call__(self, state, name: str, rows: np.ndarray) -> np.ndarray:
+    m = self.dataset.modalities[name]
+    out = []
+    for start in range(0, len(rows), self.chunk):
+      r = rows[start:start + self.chunk]
+      padded = np.concatenate([r, np.full(self.chunk - len(r), r[0])])
+      counts = m.counts[padded].toarray()
+      rep = None if m.rep is None else m.rep[padded]
+      loc = self.fns[name](state, parallel.put(rep, self.sharding), parallel.put(counts, self.sharding))
+      out.append(np.asarray(loc)[:len(r)])
+    return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
+
+
+def heldout_foscttm(encoder: Encoder, state, dataset: data.Dataset):
+  """FOSCTTM over the hidden pairs, averaged over modality pairs; None without held-out pairs."""
+  if dataset.heldout is None:
+    return None
+  names, scores = dataset.names, []
+  for i, a in enumerate(names):
+    for b in names[i + 1:]:
+      both = (dataset.heldout[a] >= 0) & (dataset.heldout[b] >= 0)
+      if both.sum() > 1:
+        scores.append(metrics.foscttm(encoder(state, a, dataset.heldout[a][both]),
+                                      encoder(state, b, dataset.heldout[b][both])))
+  return float(np.mean(scores)) if scores else None
+
+
+def write_embeddings(encoder: Encoder, state, dataset: data.Dataset, config, out_dir: pathlib.Path) -> dict:
+  """`<modality>.h5ad` (obs + obsm["X_clue"]) for every modality, and `joint.h5ad` for multi-modal cells."""
+  out_dir.mkdir(parents=True, exist_ok=True)
+  embeddings = {}
+  for name, m in dataset.modalities.items():
+    embeddings[name] = encoder(state, name, np.arange(m.counts.shape[0]))
+    save_embedding(out_dir / f"{name}.h5ad", m.obs, embeddings[name])
+  pairing = sampler.pair_cells({n: m.obs.index for n, m in dataset.modalities.items()}, config.data.pair_by)
+  present = np.stack([pairing.rows[n] >= 0 for n in dataset.names])
+  multi = np.flatnonzero(present.sum(0) >= 2)
+  joint = np.zeros((len(multi), embeddings[dataset.names[0]].shape[1]), np.float32)
+  obs = pd.DataFrame(index=pd.Index(pairing.ids[multi].astype(str)))
+  for name in dataset.names:
+    rows = pairing.rows[name][multi]
+    joint[rows >= 0] += embeddings[name][rows[rows >= 0]]
+    obs[f"in_{name}"] = rows >= 0
+  joint /= present[:, multi].sum(0)[:, None]
+  save_embedding(out_dir / "joint.h5ad", obs, joint)
+  return {n: e.shape for n, e in embeddings.items()} | {"joint": joint.shape}
+
+
+def save_embedding(path: pathlib.Path, obs: pd.DataFrame, embedding: np.ndarray):
+  adata = ad.AnnData(obs=obs.copy())
+  adata.obsm["X_clue"] = embedding
+  write_atomically(path, lambda p: adata.write_h5ad(p))
+
+
+# ------------------------------------------------------------------------------------------------------ loop
+def epoch_means(measurements: list) -> tuple[dict, np.ndarray]:
+  """Per-term means over the epoch's steps, and the per-step `finite` flags."""
+  stacked = jax.device_get(measurements)
+  merged = {k: np.concatenate([np.asarray(m[k]).reshape(-1) for m in stacked]) for k in stacked[0]}
+  finite = merged.pop("finite")
+  return {k: float(v.mean()) for k, v in merged.items()}, finite
+
+
+def first_bad_term(measurements: list, step_in_epoch: int) -> str:
+  stacked = jax.device_get(measurements)
+  merged = {k: np.concatenate([np.asarray(m[k]).reshape(-1) for m in stacked]) for k in stacked[0]}
+  bad = [k for k, v in merged.items() if k != "finite" and not np.isfinite(v[step_in_epoch])]
+  return ", ".join(f"{k}={merged[k][step_in_epoch]}" for k in bad) or "unknown"
+
+
+def validate(eval_fn, state, dataset, epoch_rows: sampler.EpochRows, batch_size, key, noise, sharding):
+  """Validation loss terms averaged over the real validation rows."""
+  totals, count = {}, 0.0
+  for start in range(0, len(epoch_rows.valid), batch_size):
+    sl = slice(start, start + batch_size)
+    batch = data.minibatch(dataset, {n: r[sl] for n, r in epoch_rows.rows.items()},
+                           {n: m[sl] for n, m in epoch_rows.masks.items()}, epoch_rows.valid[sl])
+    terms = jax.device_get(eval_fn(state, parallel.put(batch, sharding), jax.random.fold_in(key, start), noise))
+    n = float(epoch_rows.valid[sl].sum())
+    for k, v in terms.items():
+      totals[k] = totals.get(k, 0.0) + float(v) * n
+    count += n
+  return {k: v / count for k, v in totals.items()}
+
+
+def train_and_evaluate(config, workdir) -> dict:
+  """Trains CLUE as `config` says, writing everything under `workdir`; returns a summary."""
+  config_lib.validate(config)
+  workdir = pathlib.Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  ckpts = checkpoint.Checkpoints(workdir / "checkpoints", config.train.keep_best)
+  prepare_workdir(config, workdir, ckpts)
+
+  # Mesh.
+  mesh = parallel.make_mesh(config.train.num_devices)
+  parallel.check_batch_size(config.train.batch_size, mesh)
+  state_sharding = parallel.replicated(mesh)
+  batch_sharding = parallel.batch_sharding(mesh)
+  chunk_sharding = parallel.batch_sharding(mesh, batch_axis=1)
+
+  # Input (with the preprocessing of the run being resumed, if any).
+  latest = ckpts.latest_epoch()
+  saved = None
+  if latest is not None:
+    saved_schedule, saved_tree, saved_meta = ckpts.restore_extras(latest)
+    saved = saved_preprocessing(saved_meta, saved_tree)
+  dataset = data.load_dataset(config, saved)
+  model = model_from(config, dataset)
+  weights = loss_weights(config, dataset.names)
+  batch_size = config.train.batch_size
+  plan = schedule_lib.auto_plan(len(dataset.train_ids), batch_size, config.train.lr, config.train.max_epochs,
+                                config.train.align_burnin, config.train.patience,
+                                config.train.reduce_lr_patience, config.train.auto_epoch_cap)
+
+  # Shapes and sharded initialisation.
+  root_key = jax.random.key(config.seed)
+  init_key, step_key, eval_key = jax.random.split(root_key, 3)
+  rows0 = sampler.epoch_rows(dataset.pairing, dataset.train_ids, np.random.default_rng([config.seed, 0]),
+                             batch_size, drop_last=True)
+  example = data.minibatch(dataset, {n: r[:batch_size] for n, r in rows0.rows.items()},
+                           {n: m[:batch_size] for n, m in rows0.masks.items()}, rows0.valid[:batch_size])
+  init = jax.jit(lambda key, batch: steps.init_state(model, key, batch), out_shardings=state_sharding)
+  abstract_state = jax.eval_shape(lambda: steps.init_state(model, init_key, example))
+  abstract_state = checkpoint.abstract(abstract_state, state_sharding)
+
+  # Resume.
+  if latest is not None:
+    state = ckpts.restore_state(latest, abstract_state)
+    schedule = schedule_lib.Schedule.from_json(saved_schedule)
+    writer.truncate_after(workdir / "metrics.jsonl", latest)
+    print(f"Resuming {workdir} from epoch {latest}.", flush=True)
+  else:
+    state = init(init_key, example)
+    schedule = schedule_lib.Schedule(plan=plan, lr=config.train.lr)
+    writer.truncate_after(workdir / "metrics.jsonl", 0)
+
+  # Steps.
+  normalize_u = config.model.normalize_u
+  train_chunk = jax.jit(steps.make_train_chunk(model, weights, normalize_u), donate_argnums=0)
+  eval_fn = jax.jit(steps.make_eval_step(model, weights, normalize_u))
+  encoder = Encoder(model, dataset, mesh)
+  meta, tree = run_meta(config, dataset), preprocess_tree(dataset)
+  metric_writer = writer.MetricWriter(workdir)
+  bar = progress.ProgressBar(schedule.plan.max_epochs, enabled=config.train.progress)
+  steps_per_dispatch = config.train.steps_per_dispatch
+  n_params = steps.count_params(state.params)
+
+  # Loop.
+  while not schedule.done:
+    epoch = schedule.epoch + 1
+    started = time.time()
+    noise = schedule_lib.noise_scale(epoch, schedule.plan.align_burnin)
+    rows = sampler.epoch_rows(dataset.pairing, dataset.train_ids, np.random.default_rng([config.seed, epoch, 0]),
+                              batch_size, drop_last=True)
+    n_steps = len(rows.valid) // batch_size
+    measurements = []
+    for first in range(0, n_steps, steps_per_dispatch):
+      count = min(steps_per_dispatch, n_steps - first)
+      sl = slice(first * batch_size, (first + count) * batch_size)
+      chunk = data.minibatch(dataset, {n: r[sl].reshape(count, batch_size) for n, r in rows.rows.items()},
+                             {n: m[sl].reshape(count, batch_size) for n, m in rows.masks.items()},
+                             rows.valid[sl].reshape(count, batch_size))
+      state, measured = train_chunk(state, parallel.put(chunk, chunk_sharding), step_key,
+                                    np.float32(schedule.lr), np.float32(noise))
+      measurements.append(measured)
+    train_terms, finite = epoch_means(measurements)
+    if not finite.all():
+      bad_step = int(np.flatnonzero(finite == 0)[0])
+      last = ckpts.latest_epoch()
+      raise TrainingError(
+          f"non-finite loss in epoch {epoch}, step {bad_step + 1} of {n_steps} "
+          f"(global step {int(state.step) - n_steps + bad_step + 1}): {first_bad_term(measurements, bad_step)}. "
+          f"That step's update was not applied and training stopped; the last good checkpoint is epoch {last} in "
+          f"{workdir / 'checkpoints' / 'latest'}. Lower train.lr or check the input data.")
+
+    record = {"epoch": epoch, "step": int(state.step), "lr": schedule.lr, "noise_scale": noise}
+    record.update({f"train/loss_{k}": v for k, v in train_terms.items()})
+    if len(dataset.val_ids):
+      val_rows = sampler.epoch_rows(dataset.pairing, dataset.val_ids,
+                                    np.random.default_rng([config.seed, epoch, 1]), batch_size, drop_last=False)
+      val_terms = validate(eval_fn, state, dataset, val_rows, batch_size, jax.random.fold_in(eval_key, epoch),
+                           np.float32(noise), batch_sharding)
+      record.update({f"val/loss_{k}": v for k, v in val_terms.items()})
+    foscttm = heldout_foscttm(encoder, state, dataset)
+    if foscttm is not None:
+      record["val/heldout_foscttm"] = foscttm
+    monitored = (foscttm if config.train.monitor == "heldout_foscttm"
+                 else record.get("val/loss_gen", record["train/loss_gen"]))
+    events = schedule.after_epoch(epoch, monitored)
+    record.update(events)
+    record["time/epoch_s"] = time.time() - started
+    record["time/cells_per_s"] = n_steps * batch_size / record["time/epoch_s"]
+    after_burnin = epoch > schedule.plan.align_burnin
+    ckpts.save(epoch, state, schedule.to_json(), tree, meta, monitored if after_burnin else None)
+    metric_writer.write(record)
+    bar.update(epoch, record)
+  bar.close()
+  metric_writer.close()
+
+  # Final model: the most recent of the best checkpoints (method.md §3.2), else the last epoch.
+  best = ckpts.best_epoch()
+  final_epoch = schedule.epoch
+  if best is not None:
+    state = ckpts.restore_state(best, abstract_state, from_best=True)
+    final_epoch = best
+  shapes = write_embeddings(encoder, state, dataset, config, workdir / "embeddings")
+  summary = {"epochs_run": schedule.epoch, "restored_epoch": final_epoch, "plan": schedule.to_json()["plan"],
+             "early_stopped": schedule.stopped and schedule.epoch < schedule.plan.max_epochs,
+             "n_params": n_params, "heldout_foscttm": heldout_foscttm(encoder, state, dataset),
+             "embeddings": {k: list(v) for k, v in shapes.items()}}
+  write_atomically(workdir / "summary.json", lambda p: p.write_text(json.dumps(summary, indent=2)))
+  ckpts.close()
+  return summary
+
+
+def clean_workdir(workdir: pathlib.Path):
+  """Removes a run directory (for `--overwrite`)."""
+  if workdir.exists():
+    shutil.rmtree(workdir)
