@@ -14,7 +14,6 @@ import scipy.sparse.linalg as spla
 
 _MAX_CHUNK_ROWS = 8192
 _MAX_CHUNK_ELEMENTS = 2**25  # 256 MiB of float64 per densified chunk
-_MAX_EIGH_FEATURES = 8000
 _SCALE = 1e4
 
 
@@ -201,23 +200,13 @@ def fit_pca(x, n_components, clip=10.0, seed=0):
     The data are not centred again after clipping (as in the competition).
     n_components is clamped to min(n_components, n_cells, n_features).
     Components are the top right singular vectors of the standardised matrix
-    Z. With F <= 8000 features they are the top eigenvectors (numpy eigh) of
-    the F x F Gram matrix Z'Z, accumulated over row chunks; otherwise
-    randomized_svd runs on an operator that re-standardises row chunks on
-    the fly, so Z is never held in memory whole. Signs follow _sign_flips.
+    Z, found by randomized_svd (15 power iterations, as the competition's
+    recipe) on an operator that re-standardises row chunks on the fly, so Z
+    is never held in memory whole. Signs follow _sign_flips.
     """
     mean, std = _mean_std(x)
     k = _clamp_rank(n_components, x.shape)
-    if x.shape[1] <= _MAX_EIGH_FEATURES:
-        gram = np.zeros((x.shape[1], x.shape[1]))
-        for _, _, block in _row_chunks(x):
-            z = _standardise(block, mean, std, clip)
-            gram += z.T @ z
-        _, vecs = np.linalg.eigh(gram)
-        vt = vecs[:, ::-1][:, :k].T
-        vt = vt * _sign_flips(vt)[:, None]
-    else:
-        _, _, vt = randomized_svd(_standardised_operator(x, mean, std, clip), k, seed=seed)
+    _, _, vt = randomized_svd(_standardised_operator(x, mean, std, clip), k, seed=seed)
     return PCAState(mean=mean, std=std, components=np.ascontiguousarray(vt))
 
 

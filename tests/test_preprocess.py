@@ -115,21 +115,23 @@ def test_pca_matches_reference(sparse):
     mean, std, comps = _reference_pca(x, 7)
     np.testing.assert_allclose(state.mean, mean, rtol=1e-10)
     np.testing.assert_allclose(state.std, std, rtol=1e-10)
-    _assert_same_rows_up_to_sign(state.components, comps, atol=1e-8)
-    out = pp.transform_pca(state, sp.csr_matrix(x) if sparse else x)
     z = np.clip((x - mean) / std, -10, 10)
+    # Randomized SVD: on noise-like data single vectors are ill-determined, so compare captured variance.
+    captured, best = np.square(z @ state.components.T).sum(), np.square(z @ comps.T).sum()
+    assert best * (1 - 1e-4) <= captured <= best * (1 + 1e-9)
+    np.testing.assert_allclose(state.components @ state.components.T, np.eye(7), atol=1e-8)
+    out = pp.transform_pca(state, sp.csr_matrix(x) if sparse else x)
     assert z.max() == 10.0
     assert out.dtype == np.float32 and out.shape == (300, 7)
     np.testing.assert_allclose(out, z @ state.components.T, rtol=1e-5, atol=1e-4)
 
 
-def test_pca_large_feature_path_matches_eigh(monkeypatch):
+def test_pca_row_chunks_do_not_change_the_result(monkeypatch):
     x = _low_rank(m=150, n=30, rank=4, seed=2)
-    exact = pp.fit_pca(x, 4)
-    monkeypatch.setattr(pp, "_MAX_EIGH_FEATURES", 10)
+    whole = pp.fit_pca(x, 4)
     monkeypatch.setattr(pp, "_MAX_CHUNK_ROWS", 64)
-    randomized = pp.fit_pca(sp.csr_matrix(x), 4)
-    np.testing.assert_allclose(randomized.components, exact.components, atol=1e-6)
+    chunked = pp.fit_pca(sp.csr_matrix(x), 4)
+    np.testing.assert_allclose(chunked.components, whole.components, atol=1e-6)
 
 
 def test_pca_constant_feature_and_rank_clamp():

@@ -1,0 +1,20 @@
+# The two commands of the README: `make train` (train on the embedded CITE-seq data) and `make test`.
+# Each creates .venv and installs the pinned dependencies on first use.
+PYTHON ?= python3
+VENV := .venv
+WORKDIR ?= runs/cite
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --upgrade pip
+	$(VENV)/bin/pip install --quiet -e '.[test]'
+	touch $@
+
+.PHONY: install train test
+install: $(VENV)/.installed
+
+train: $(VENV)/.installed
+	$(VENV)/bin/python -m clue_jax.train --config=configs/cite.py --workdir=$(WORKDIR)
+
+test: $(VENV)/.installed
+	$(VENV)/bin/python -m pytest -q

@@ -1,0 +1,148 @@
+"""clue_jax.likelihoods (and the MSE / RMSE reduction in losses) against scipy.stats, in float64."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from scipy import stats
+from scipy.special import expit, gammaln
+
+from clue_jax import likelihoods, losses
+
+# likelihoods._HALF_LOG_2PI is a float32 constant (0.5 log 2pi off by 1.6e-8), so Gaussian log-densities carry that
+# absolute error even in float64.
+NORMAL_ATOL = 3e-8
+
+
+@pytest.fixture(autouse=True)
+def x64():
+  with jax.enable_x64(True):
+    yield
+
+
+def grid(*axes):
+  """Broadcast 1-D value lists against each other, flattened to float64 vectors."""
+  return [a.ravel() for a in np.meshgrid(*[np.asarray(v, np.float64) for v in axes], indexing="ij")]
+
+
+def evaluate(fn, *args):
+  out = np.asarray(fn(*[jnp.asarray(a) for a in args]))
+  assert out.dtype == np.float64
+  return out
+
+
+def nb_by_hand(x, mean, theta):
+  """The lgamma continuation of the NB log-pmf, without the reference's eps."""
+  return (gammaln(x + theta) - gammaln(theta) - gammaln(x + 1) + theta * np.log(theta / (theta + mean))
+          + x * np.log(mean / (theta + mean)))
+
+
+def test_negative_binomial_matches_scipy():
+  x, mean, theta = grid([0, 1, 2, 5, 17, 100, 1000, 5000], [0.5, 3.0, 40.0, 1000.0], [0.3, 2.0, 50.0])
+  got = evaluate(likelihoods.negative_binomial, x, mean, theta)
+  want = stats.nbinom.logpmf(x, n=theta, p=theta / (theta + mean))
+  # The reference's log(mean + 1e-7) shifts the result by < 1e-6 relative on this grid.
+  np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-9)
+
+
+def test_negative_binomial_mean_is_the_mean():
+  x = np.arange(20000, dtype=np.float64)
+  for mean, theta in [(3.0, 0.7), (40.0, 5.0)]:
+    pmf = np.exp(evaluate(likelihoods.negative_binomial, x, np.full_like(x, mean), np.full_like(x, theta)))
+    np.testing.assert_allclose(pmf.sum(), 1.0, rtol=1e-6)
+    np.testing.assert_allclose((pmf * x).sum(), mean, rtol=1e-6)
+
+
+def test_negative_binomial_non_integer_counts():
+  x, mean, theta = grid([0.5, 2.25, 7.5, 130.7], [0.5, 3.0, 40.0], [0.3, 2.0, 50.0])
+  got = evaluate(likelihoods.negative_binomial, x, mean, theta)
+  assert np.isfinite(got).all()
+  np.testing.assert_allclose(got, nb_by_hand(x, mean, theta), rtol=1e-6, atol=1e-9)
+  # Where the pmf decreases (x above the mode), the value lies between its integer neighbours'.
+  x, mean, theta = grid([5.5, 9.3, 20.5], [0.5, 1.0], [1.0, 3.0])
+  lower = evaluate(likelihoods.negative_binomial, np.floor(x), mean, theta)
+  middle = evaluate(likelihoods.negative_binomial, x, mean, theta)
+  upper = evaluate(likelihoods.negative_binomial, np.ceil(x), mean, theta)
+  assert (upper < middle).all() and (middle < lower).all()
+
+
+def test_normal_matches_scipy():
+  x, loc, scale = grid([-4.0, -0.3, 0.0, 1.0, 7.5], [-2.0, 0.0, 0.4], [1e-3, 0.5, 1.0, 3.0])
+  got = evaluate(likelihoods.normal, x, loc, scale)
+  np.testing.assert_allclose(got, stats.norm.logpdf(x, loc, scale), rtol=1e-9, atol=NORMAL_ATOL)
+
+
+def test_zero_inflated_normal_matches_scipy():
+  x, loc, scale, zi = grid([-2.0, 0.0, 5e-8, 0.3, 1.7], [-1.0, 0.0, 0.8], [0.2, 1.0, 2.5], [-6.0, -0.5, 0.0, 3.0])
+  got = evaluate(likelihoods.zero_inflated_normal, x, loc, scale, zi)
+  pi = expit(zi)
+  is_zero = np.abs(x) < 1e-7  # 5e-8 counts as zero (the density is still taken at x), as in the reference.
+  want = np.where(is_zero, np.log(pi + (1 - pi) * stats.norm.pdf(x, loc, scale)),
+                  np.log1p(-pi) + stats.norm.logpdf(x, loc, scale))
+  assert is_zero.any() and (~is_zero).any()
+  np.testing.assert_allclose(got, want, rtol=1e-9, atol=NORMAL_ATOL)
+
+
+def test_zero_inflated_log_normal_matches_scipy():
+  x, loc, scale, zi = grid([0.0, 1e-3, 0.5, 1.0, 4.0, 60.0], [-1.0, 0.0, 1.5], [0.3, 1.0, 2.0], [-4.0, 0.0, 2.5])
+  got = evaluate(likelihoods.zero_inflated_log_normal, x, loc, scale, zi)
+  pi = expit(zi)
+  with np.errstate(divide="ignore"):
+    want = np.where(x == 0, np.log(pi),
+                    np.log1p(-pi) + stats.lognorm.logpdf(x, s=scale, scale=np.exp(loc)))
+  np.testing.assert_allclose(got, want, rtol=1e-9, atol=NORMAL_ATOL)
+
+
+def test_zero_inflated_log_normal_gradient_at_zero_is_finite():
+  grad = jax.grad(lambda x: likelihoods.zero_inflated_log_normal(x, 0.3, 1.2, -0.5).sum())(jnp.zeros(3))
+  assert np.isfinite(np.asarray(grad)).all()
+
+
+def test_bernoulli_matches_scipy():
+  x, logits = grid([0.0, 1.0], [-8.0, -2.0, -0.1, 0.0, 0.7, 3.0, 8.0])
+  got = evaluate(likelihoods.bernoulli, x, logits)
+  np.testing.assert_allclose(got, stats.bernoulli.logpmf(x, p=expit(logits)), rtol=1e-10, atol=1e-12)
+
+
+@pytest.fixture
+def regression():
+  rng = np.random.default_rng(0)
+  x, loc = rng.normal(size=(6, 4)), rng.normal(size=(6, 4))
+  return x, loc, np.array([1.0, 0.0, 1.0, 1.0, 0.0, 1.0])
+
+
+def test_sham_likelihoods_average_to_minus_mse(regression):
+  x, loc, _ = regression
+  mse = np.mean((x - loc) ** 2)
+  np.testing.assert_allclose(np.mean(evaluate(likelihoods.mse, x, loc)), -mse, rtol=1e-12)
+  np.testing.assert_allclose(np.mean(evaluate(likelihoods.rmse, x, loc)), -np.sqrt(mse), rtol=1e-12)
+
+
+@pytest.mark.parametrize("likelihood", ["MSE", "RMSE"])
+def test_reconstruction_nll_mse_over_selected_rows(regression, likelihood):
+  x, loc, rows = regression
+  root = np.sqrt if likelihood == "RMSE" else (lambda v: v)
+
+  def nll(x, rows):
+    return float(losses.reconstruction_nll(likelihood, jnp.asarray(x), {"loc": jnp.asarray(loc)}, jnp.asarray(rows)))
+
+  selected = rows > 0
+  masked = nll(x, rows)
+  np.testing.assert_allclose(masked, root(np.mean((x[selected] - loc[selected]) ** 2)), rtol=1e-12)
+  np.testing.assert_allclose(nll(x, np.ones(6)), root(np.mean((x - loc) ** 2)), rtol=1e-12)
+  assert abs(masked - nll(x, np.ones(6))) > 1e-3
+  # Unselected rows do not matter at all; no selected row gives 0.
+  garbage = np.where(selected[:, None], x, 1e6)
+  assert nll(garbage, rows) == masked
+  assert nll(x, np.zeros(6)) == 0.0
+
+
+def test_reconstruction_nll_nb_over_selected_rows():
+  rng = np.random.default_rng(1)
+  x = rng.poisson(3.0, (5, 3)).astype(np.float64)
+  mean, theta = rng.uniform(0.5, 6.0, (5, 3)), rng.uniform(0.5, 4.0, (5, 3))
+  rows = np.array([0.0, 1.0, 1.0, 0.0, 1.0])
+  got = losses.reconstruction_nll("NB", jnp.asarray(x), {"mean": jnp.asarray(mean),
+                                                         "inverse_dispersion": jnp.asarray(theta)}, jnp.asarray(rows))
+  want = -stats.nbinom.logpmf(x, n=theta, p=theta / (theta + mean))[rows > 0].mean()
+  np.testing.assert_allclose(float(got), want, rtol=1e-6)
