@@ -5,12 +5,14 @@ reference, return minus the mean squared (root-mean-squared) error over all elem
 that any mean over rows and features gives back exactly -MSE (-RMSE).
 """
 
+import math
+
 import jax
 import jax.numpy as jnp
 from jax.scipy.special import gammaln
 
 EPS = 1e-7
-_HALF_LOG_2PI = 0.5 * jnp.log(2.0 * jnp.pi)
+_HALF_LOG_2PI = 0.5 * math.log(2.0 * math.pi)
 
 
 def negative_binomial(x, mean, inverse_dispersion):
@@ -30,10 +32,13 @@ def normal(x, loc, scale):
 
 
 def zero_inflated_normal(x, loc, scale, zi_logits):
-  """Normal mixed with a point mass at 0 of weight sigmoid(zi_logits); |x| < eps counts as zero."""
+  """Normal mixed with a point mass at 0 of weight sigmoid(zi_logits); |x| < eps counts as zero.
+
+  The zero case is log(exp(zi) + exp(log N(0)) + eps) - softplus(zi), with the reference's eps.
+  """
   raw = normal(x, loc, scale)
   is_zero = jnp.abs(x) < EPS
-  zero_case = jnp.logaddexp(zi_logits, raw) - jax.nn.softplus(zi_logits)
+  zero_case = jnp.logaddexp(jnp.logaddexp(zi_logits, raw), math.log(EPS)) - jax.nn.softplus(zi_logits)
   return jnp.where(is_zero, zero_case, raw - jax.nn.softplus(zi_logits))
 
 

@@ -65,7 +65,8 @@ def gaussian_kl(loc, std):
 
 
 def l2_normalize(u):
-  return u / jnp.maximum(jnp.linalg.norm(u, axis=-1, keepdims=True), 1e-12)
+  """u / max(|u|, 1e-12), with a finite gradient at u = 0 (padding rows)."""
+  return u * jax.lax.rsqrt(jnp.maximum((u * u).sum(-1, keepdims=True), 1e-24))
 
 
 def cosine_similarity(a, b, eps=1e-8):

@@ -1,7 +1,8 @@
 """Every term of losses.generator_objective / discriminator_objective against a NumPy reading of method.md §2.
 
-A tiny two-modality CLUE runs in eval mode (BatchNorm on running statistics, no dropout), so that the only randomness
-is the Gaussian draws, which the reference re-derives from the same keys. Everything else is NumPy in float64.
+A tiny two-modality CLUE without dropout runs in eval mode (BatchNorm on running statistics; float64) or train mode
+(BatchNorm on the rows of each call; float32, as trained). The only randomness is the Gaussian draws, which the
+reference re-derives from the same keys; everything else in it is NumPy in float64.
 """
 
 import flax.linen as nn
@@ -85,7 +86,7 @@ def evaluate(variables, batch, noise_scale=0.7, weights=WEIGHTS):
 
 
 def train_objective(params, batch_stats, batch):
-  """L_gen in train mode (masked BatchNorm on batch statistics), its terms, and its gradient."""
+  """L_gen and its terms in train mode (masked BatchNorm on batch statistics)."""
   (total, terms), _ = nn.apply(losses.generator_objective, MODEL, mutable=["batch_stats"])(
       {"params": params, "batch_stats": batch_stats}, batch, KEY, 0.7, WEIGHTS, True, train=True)
   return total, terms
@@ -146,7 +147,7 @@ def nb_log_prob(x, mean, theta):
           + x * log_sigmoid(logits))
 
 
-def decode_nll(v, name, counts, b, z, library, rows, train=False):
+def decode_nll(v, name, counts, b, z, library, rows, train):
   """Mean over the selected rows x features of -log p(counts | z, b, l); 0 (skipped) without rows."""
   if not rows.any():
     return 0.0
@@ -351,3 +352,15 @@ def test_uninformative_discriminator_gives_log_2(variables, x64):
   got = evaluate(v, make_batch())
   np.testing.assert_allclose(got["dsc"], np.log(2.0), rtol=1e-12)
   np.testing.assert_allclose(got["disc"], WEIGHTS.align * np.log(2.0), rtol=1e-12)
+
+
+def test_l2_normalize_ignored_zero_row_gets_zero_gradient():
+  """A padding row (valid 0) counts in no modality, so its joint embedding is the zero vector, which nothing uses.
+
+  The 1e-12 floor keeps the value finite, but the norm's NaN gradient at 0 leaks through it (0 * NaN), so one
+  padding row turns every encoder gradient into NaN (training batches are never padded today).
+  """
+  u = jnp.array([[0.0, 0.0, 0.0], [1.0, 2.0, 2.0]])
+  used = jnp.array([[0.0], [1.0]])
+  grad = np.asarray(jax.grad(lambda u: (losses.l2_normalize(u) * used).sum())(u))
+  np.testing.assert_array_equal(grad[0], 0.0)
