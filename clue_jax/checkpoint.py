@@ -53,18 +53,20 @@ class Checkpoints:
   def restore_extras(self, epoch: int, from_best: bool = False):
     """(schedule, preprocess, meta) of `epoch`: everything but the train state."""
     manager = self._manager_for(from_best)
-    metadata = manager.item_metadata(epoch)
-    preprocess_target = jax.tree.map(lambda m: np.zeros(m.shape, m.dtype), dict(metadata["preprocess"]))
     restored = manager.restore(epoch, args=ocp.args.Composite(
-        schedule=ocp.args.JsonRestore(), preprocess=ocp.args.StandardRestore(preprocess_target),
-        meta=ocp.args.JsonRestore()))
-    return restored["schedule"], restored["preprocess"], restored["meta"]
+        schedule=ocp.args.JsonRestore(), preprocess=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore()))
+    return restored["schedule"], jax.tree.map(np.asarray, restored["preprocess"]), restored["meta"]
 
   def restore_state(self, epoch: int, abstract_state, from_best: bool = False):
     """The train state of `epoch`, placed as `abstract_state` (ShapeDtypeStructs with shardings) says."""
     manager = self._manager_for(from_best)
     restored = manager.restore(epoch, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))
     return restored["state"]
+
+  def restore_meta(self, epoch: int) -> dict:
+    """The run metadata (config, features, categories) of a latest-checkpoint epoch."""
+    restored = self.latest.restore(epoch, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+    return restored["meta"]
 
   def close(self):
     self.latest.close()

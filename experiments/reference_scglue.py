@@ -57,6 +57,11 @@ Measurements written to --out (JSON):
                     between x (first-column cells) and y (their partners), FOSCTTM = mean of
                     mean_i #{j: d[i,j] < d[i,i]}/n and mean_j #{i: d[i,j] < d[j,j]}/n; top1 = share of i whose
                     nearest y is its partner. null without --heldout.
+
+Timing caveat: torch's OpenMP threads spin while waiting. When other processes share the 2 cores, --threads 2 then
+burns 3-5x the CPU per epoch and the wall time balloons (seen: 25-30 s/epoch instead of ~2.6 s on the 3,000-cell
+synthetic set). Take throughput figures on an otherwise idle machine; fit_cpu_seconds shows whether it was.
+OMP_WAIT_POLICY=PASSIVE in the environment softens this (it is passed through, not set here).
 """
 
 import argparse
