@@ -22,17 +22,17 @@ def auto_plan(n_train_ids: int, batch_size: int, lr: float, max_epochs=AUTO, ali
               reduce_lr_patience=AUTO, cap: int = 0) -> Plan:
   """The reference's AUTO formulas, max(ceil(c / (lr * batches_per_epoch)), c) for c = 72, 12, 9, 3.
 
-  On small data they explode (thousands of epochs); with `cap` > 0 every AUTO value is scaled down by the same
-  factor so that the AUTO max_epochs stays <= cap (values given explicitly are kept).
+  On small data they explode (thousands of epochs). When the AUTO max_epochs exceeds the epoch budget (`cap` > 0,
+  or an explicit `max_epochs`), the other AUTO values are scaled down by the same factor, keeping their ratios
+  (e.g. 200 epochs -> burn-in 34, as in the reference runs of benchmark.md). Explicit values are kept.
   """
   batches_per_epoch = n_train_ids / batch_size
 
   def formula(c):
     return max(math.ceil(c / (lr * batches_per_epoch)), c)
 
-  scale = 1.0
-  if cap > 0 and max_epochs == AUTO and formula(72) > cap:
-    scale = cap / formula(72)
+  budget = max_epochs if max_epochs != AUTO else cap
+  scale = budget / formula(72) if budget > 0 and formula(72) > budget else 1.0
 
   def pick(given, c):
     return given if given != AUTO else max(math.ceil(formula(c) * scale), 1)

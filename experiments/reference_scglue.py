@@ -116,6 +116,8 @@ def parse_args(argv=None):
   parser.add_argument("--heldout", metavar="PAIRS.tsv", help="held-out pairs: first-mod obs_name <TAB> partner")
   parser.add_argument("--preset", choices=sorted(PRESETS), required=True)
   parser.add_argument("--max-epochs", type=int, help="fit(max_epochs=...); AUTO when left out")
+  for flag in ("align-burnin", "patience", "reduce-lr-patience"):
+    parser.add_argument(f"--{flag}", type=int, help=f"fit({flag.replace('-', '_')}=...); AUTO when left out")
   parser.add_argument("--seed", type=int, help="random seed (default: the preset's random_seed)")
   parser.add_argument("--threads", type=int, default=2, help="torch / BLAS threads (default 2)")
   parser.add_argument("--out", required=True, metavar="RESULT.json")
@@ -276,7 +278,8 @@ def main(argv=None):
 
   model.trainer.train_step = counting_train_step
 
-  fit_kwargs = {} if args.max_epochs is None else {"max_epochs": args.max_epochs}
+  fit_kwargs = {key: getattr(args, key) for key in ("max_epochs", "align_burnin", "patience", "reduce_lr_patience")
+                if getattr(args, key) is not None}
   with tempfile.TemporaryDirectory(prefix="reference_scglue_") as directory:
     cpu_start = process_cpu_seconds()
     start = time.perf_counter()

@@ -19,8 +19,9 @@ def test_cap_scales_auto_values_together():
   assert auto_plan(540, 128, 2e-3).max_epochs == 8534
   plan = auto_plan(540, 128, 2e-3, cap=200)
   assert plan == Plan(200, 34, 26, 9)
-  # Explicit values are kept.
-  assert auto_plan(540, 128, 2e-3, max_epochs=10, align_burnin=2, cap=200) == Plan(10, 2, 1067, 356)
+  # An explicit max_epochs is a budget too (PBMC: 100 epochs -> burn-in 17); explicit values are kept.
+  assert auto_plan(round(10849 * 0.9), 128, 2e-3, max_epochs=100) == Plan(100, 17, 13, 5)
+  assert auto_plan(540, 128, 2e-3, max_epochs=10, align_burnin=2, cap=200) == Plan(10, 2, 2, 1)
 
 
 def test_noise_annealing():

@@ -1,0 +1,166 @@
+"""Training throughput of clue_jax, the machine's dense-matmul FLOP/s, and (optionally) the PyTorch reference.
+
+  python experiments/bench_throughput.py [--cells 3000] [--batch-size 128] [--devices 0] [--preset defaults]
+      [--ref-python /tmp/ref/bin/python]
+
+Default shape: the reference's benchmark preset (benchmark.md §B): 3,000 fully paired synthetic cells, NB counts of
+2,000 + 100 features, 2 batches, 100-d encoder inputs, batch 128, library-default model. Reports
+
+  * train-step cells/s on device-resident chunks (compile excluded), and end-to-end cells/s of the trainer's loop
+    (host minibatch densification + transfer + steps) over whole epochs;
+  * model FLOPs per training cell (XLA's cost analysis of the compiled chunk) and the achieved fraction of the
+    measured f32 matmul FLOP/s;
+  * with --ref-python (a venv with scglue, see reference_scglue.py), the reference's cells/s measured in the same
+    run on the same shape, and the ratio.
+"""
+
+import argparse
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import tempfile
+import time
+
+import anndata as ad
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+from clue_jax import config as config_lib, data, parallel, sampler, steps, trainer
+
+HERE = pathlib.Path(__file__).resolve().parent
+
+
+def synthetic_files(directory: pathlib.Path, n_cells: int, seed: int = 0) -> dict:
+  """Paired NB-like counts (2,000 RNA + 100 ADT features, 2 batches) with a random 100-d obsm["X_rep"]."""
+  rng = np.random.default_rng(seed)
+  paths = {}
+  for name, n_features in (("rna", 2000), ("adt", 100)):
+    profiles = rng.gamma(0.3, 1.0, (10, n_features))
+    cluster = rng.integers(0, 10, n_cells)
+    counts = rng.poisson(profiles[cluster] * rng.gamma(2.0, 1.0, (n_cells, 1))).astype(np.float32)
+    obs = pd.DataFrame(index=[f"cell{i}" for i in range(n_cells)])
+    obs["batch"] = pd.Categorical(np.where(np.arange(n_cells) % 2, "b1", "b0"), categories=["b0", "b1"])
+    adata = ad.AnnData(X=sp.csr_matrix(counts), obs=obs)
+    adata.obsm["X_rep"] = rng.normal(size=(n_cells, 100)).astype(np.float32)
+    paths[name] = directory / f"{name}.h5ad"
+    adata.write_h5ad(paths[name])
+  return paths
+
+
+def bench_config(paths: dict, args) -> config_lib.ml_collections.ConfigDict:
+  config = config_lib.get_config()
+  if args.preset == "competition_cite":
+    config = config_lib.competition_cite(config)
+  for name in ("rna", "adt"):
+    config.data.modalities[name] = config_lib.modality(str(paths[name]), layer="X", batch_key="batch",
+                                                       feature_selection="all", rep="obsm", rep_key="X_rep")
+  config.data.modality_order = "rna,adt"
+  config.model.shared_batches = True
+  config.train.batch_size = args.batch_size
+  config.train.num_devices = args.devices
+  config.train.steps_per_dispatch = args.steps_per_dispatch
+  return config
+
+
+def matmul_flops(n: int = 2048, repeats: int = 20) -> float:
+  """Measured f32 dense matmul FLOP/s of the default device."""
+  a = jnp.ones((n, n), jnp.float32)
+  f = jax.jit(lambda x: x @ x)
+  f(a).block_until_ready()
+  started = time.perf_counter()
+  for _ in range(repeats):
+    out = f(a)
+  out.block_until_ready()
+  return 2 * n ** 3 * repeats / (time.perf_counter() - started)
+
+
+def measure(config, epochs: int) -> dict:
+  dataset = data.load_dataset(config)
+  model = trainer.model_from(config, dataset)
+  weights = trainer.loss_weights(config, dataset.names)
+  mesh = parallel.make_mesh(config.train.num_devices)
+  parallel.check_batch_size(config.train.batch_size, mesh)
+  batch_size, per_dispatch = config.train.batch_size, config.train.steps_per_dispatch
+  rng = np.random.default_rng(0)
+  rows = sampler.epoch_rows(dataset.pairing, dataset.train_ids, rng, batch_size, drop_last=True)
+  n_steps = len(rows.valid) // batch_size
+
+  def chunk_at(epoch_rows, first, count):
+    sl = slice(first * batch_size, (first + count) * batch_size)
+    return data.minibatch(dataset, {n: r[sl].reshape(count, -1) for n, r in epoch_rows.rows.items()},
+                          {n: m[sl].reshape(count, -1) for n, m in epoch_rows.masks.items()},
+                          epoch_rows.valid[sl].reshape(count, -1))
+
+  chunk_sharding = parallel.batch_sharding(mesh, 1)
+  example = jax.tree.map(lambda x: x[0], chunk_at(rows, 0, 1))
+  state = jax.jit(lambda k, b: steps.init_state(model, k, b), out_shardings=parallel.replicated(mesh))(
+      jax.random.key(0), example)
+  train_chunk = jax.jit(steps.make_train_chunk(model, weights, True), donate_argnums=0)
+  key, lr, noise = jax.random.key(1), np.float32(2e-3), np.float32(0.5)
+  device_chunk = parallel.put(chunk_at(rows, 0, per_dispatch), chunk_sharding)
+  compiled = train_chunk.lower(state, device_chunk, key, lr, noise).compile()
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, list) else cost
+  flops_per_cell = float(cost["flops"]) / (per_dispatch * batch_size)
+
+  state, _ = train_chunk(state, device_chunk, key, lr, noise)  # warm-up
+  jax.block_until_ready(state)
+  repeats = max(1, (epochs * n_steps) // per_dispatch)
+  started = time.perf_counter()
+  for _ in range(repeats):
+    state, measured = train_chunk(state, device_chunk, key, lr, noise)
+  jax.block_until_ready(state)
+  device_seconds = time.perf_counter() - started
+  step_cells_per_s = repeats * per_dispatch * batch_size / device_seconds
+
+  started = time.perf_counter()
+  for epoch in range(epochs):
+    epoch_rows = sampler.epoch_rows(dataset.pairing, dataset.train_ids, rng, batch_size, drop_last=True)
+    for first in range(0, n_steps - n_steps % per_dispatch, per_dispatch):
+      state, measured = train_chunk(state, parallel.put(chunk_at(epoch_rows, first, per_dispatch), chunk_sharding),
+                                    key, lr, noise)
+  jax.block_until_ready(state)
+  loop_cells = epochs * (n_steps - n_steps % per_dispatch) * batch_size
+  loop_cells_per_s = loop_cells / (time.perf_counter() - started)
+  return {"devices": int(mesh.devices.size), "n_params": steps.count_params(state.params),
+          "flops_per_cell": flops_per_cell, "step_cells_per_s": step_cells_per_s,
+          "loop_cells_per_s": loop_cells_per_s}
+
+
+def reference_cells_per_s(python: str, n_cells: int, preset: str) -> float:
+  with tempfile.TemporaryDirectory() as tmp:
+    out = pathlib.Path(tmp) / "ref.json"
+    subprocess.run([python, str(HERE / "reference_scglue.py"), "--synthetic", str(n_cells), "--preset", preset,
+                    "--max-epochs", "5", "--out", str(out)], check=True, stdout=subprocess.DEVNULL)
+    return json.loads(out.read_text())["cells_per_second"]
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--cells", type=int, default=3000)
+  parser.add_argument("--batch-size", type=int, default=128)
+  parser.add_argument("--devices", type=int, default=0, help="0 = all visible devices")
+  parser.add_argument("--steps-per-dispatch", type=int, default=8)
+  parser.add_argument("--epochs", type=int, default=5)
+  parser.add_argument("--preset", choices=["defaults", "competition_cite"], default="defaults")
+  parser.add_argument("--ref-python", help="python of a venv with scglue: also measure the reference")
+  args = parser.parse_args()
+  with tempfile.TemporaryDirectory() as tmp:
+    result = measure(bench_config(synthetic_files(pathlib.Path(tmp), args.cells), args), args.epochs)
+  peak = matmul_flops()
+  result["matmul_gflops"] = peak / 1e9
+  result["fraction_of_matmul_peak"] = result["step_cells_per_s"] * result["flops_per_cell"] / peak
+  result["device"] = jax.devices()[0].device_kind
+  if args.ref_python:
+    result["reference_cells_per_s"] = reference_cells_per_s(args.ref_python, args.cells, args.preset)
+    result["ratio_vs_reference"] = result["loop_cells_per_s"] / result["reference_cells_per_s"]
+  print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+  sys.exit(main())
