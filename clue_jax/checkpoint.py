@@ -29,11 +29,13 @@ class Checkpoints:
     self.latest = _manager(directory / "latest", 2, best=False)
     self.best = _manager(directory / "best", keep_best, best=True)
 
-  def save(self, epoch: int, state, schedule: dict, preprocess: dict, meta: dict, monitored=None):
-    """Saves epoch `epoch` as the latest, and among the best when `monitored` is given."""
+  def save(self, epoch: int, state, schedule: dict, preprocess: dict, meta: dict, latest: bool = True,
+           monitored=None):
+    """Saves epoch `epoch` as the latest (if `latest`), and among the best when `monitored` is given."""
     args = ocp.args.Composite(state=ocp.args.StandardSave(state), schedule=ocp.args.JsonSave(schedule),
                               preprocess=ocp.args.StandardSave(preprocess), meta=ocp.args.JsonSave(meta))
-    self.latest.save(epoch, args=args, force=True)
+    if latest:
+      self.latest.save(epoch, args=args, force=True)
     if monitored is not None:
       self.best.save(epoch, args=args, metrics={"monitored": float(monitored)}, force=True)
     self.latest.wait_until_finished()
@@ -41,6 +43,12 @@ class Checkpoints:
 
   def latest_epoch(self):
     return self.latest.latest_step()
+
+  def drop_best_after(self, epoch: int):
+    """Deletes best checkpoints newer than `epoch` (written after the latest one by a run that was killed)."""
+    for step in self.best.all_steps():
+      if step > epoch:
+        self.best.delete(step)
 
   def best_epoch(self):
     """The most recent of the kept best epochs (what the reference restores at the end)."""

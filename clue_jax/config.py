@@ -83,6 +83,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.train.auto_epoch_cap = 1000  # AUTO values are scaled down together so max_epochs <= this cap.
   config.train.monitor = "val_loss"  # Early stopping / best checkpoints on "val_loss" or "heldout_foscttm".
   config.train.keep_best = 3  # Best checkpoints kept; the latest of them is restored at the end.
+  config.train.checkpoint_interval_s = 30.0  # Latest checkpoint at most this often (and at the end); 0 = every epoch.
   config.train.steps_per_dispatch = 8  # Train steps run in one jitted lax.scan.
   config.train.num_devices = 0  # 0 = all local devices.
   config.train.progress = True  # Progress bar on stderr.
@@ -159,5 +160,7 @@ def validate(config: ml_collections.ConfigDict):
   _check(train.monitor != "heldout_foscttm" or config.data.heldout_pairs > 0, "train.monitor", train.monitor,
          "heldout_foscttm needs data.heldout_pairs > 0")
   _check(train.keep_best > 0, "train.keep_best", train.keep_best, "a positive integer")
+  _check(train.checkpoint_interval_s >= 0, "train.checkpoint_interval_s", train.checkpoint_interval_s,
+         "seconds >= 0")
   _check(train.steps_per_dispatch > 0, "train.steps_per_dispatch", train.steps_per_dispatch, "a positive integer")
   _check(train.num_devices >= 0, "train.num_devices", train.num_devices, "0 (all) or a positive integer")

@@ -60,6 +60,16 @@ class Schedule:
   bad_plateau: int = 0
   stopped: bool = False
   lr_reductions: int = 0
+  best_kept: list = dataclasses.field(default_factory=list)  # [monitored, epoch] of the kept best checkpoints.
+
+  def keep_as_best(self, epoch: int, monitored: float, keep: int) -> bool:
+    """Whether epoch `epoch` enters the `keep` best (after burn-in, non-finite values never do)."""
+    if epoch <= self.plan.align_burnin or not math.isfinite(monitored):
+      return False
+    if len(self.best_kept) >= keep and monitored >= max(v for v, _ in self.best_kept):
+      return False
+    self.best_kept = sorted(self.best_kept + [[monitored, epoch]])[:keep]
+    return True
 
   def after_epoch(self, epoch: int, monitored: float) -> dict:
     """Records epoch `epoch`'s monitored value; returns what changed."""

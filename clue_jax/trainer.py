@@ -249,6 +249,7 @@ def train_and_evaluate(config, workdir) -> dict:
   if latest is not None:
     state = ckpts.restore_state(latest, abstract_state)
     schedule = schedule_lib.Schedule.from_json(saved_schedule)
+    ckpts.drop_best_after(latest)
     writer.truncate_after(workdir / "metrics.jsonl", latest)
     print(f"Resuming {workdir} from epoch {latest}.", flush=True)
   else:
@@ -266,6 +267,7 @@ def train_and_evaluate(config, workdir) -> dict:
   bar = progress.ProgressBar(schedule.plan.max_epochs, enabled=config.train.progress)
   steps_per_dispatch = config.train.steps_per_dispatch
   n_params = steps.count_params(state.params)
+  last_save = -math.inf  # The first epoch is always checkpointed.
 
   # Loop.
   while not schedule.done:
@@ -312,8 +314,12 @@ def train_and_evaluate(config, workdir) -> dict:
     record.update(events)
     record["time/epoch_s"] = time.time() - started
     record["time/cells_per_s"] = n_steps * batch_size / record["time/epoch_s"]
-    after_burnin = epoch > schedule.plan.align_burnin
-    ckpts.save(epoch, state, schedule.to_json(), tree, meta, monitored if after_burnin else None)
+    is_best = schedule.keep_as_best(epoch, monitored, config.train.keep_best)
+    save_latest = schedule.done or time.time() - last_save >= config.train.checkpoint_interval_s
+    if save_latest or is_best:
+      ckpts.save(epoch, state, schedule.to_json(), tree, meta, latest=save_latest,
+                 monitored=monitored if is_best else None)
+      last_save = time.time() if save_latest else last_save
     metric_writer.write(record)
     bar.update(epoch, record)
   bar.close()

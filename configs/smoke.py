@@ -21,4 +21,5 @@ def get_config():
   config.train.max_epochs = 3
   config.train.align_burnin = 1
   config.train.steps_per_dispatch = 4
+  config.train.checkpoint_interval_s = 0.0  # Every epoch (the kill-and-resume test needs early checkpoints).
   return config

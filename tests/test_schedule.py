@@ -50,3 +50,10 @@ def test_schedule_round_trips_through_json():
   s.after_epoch(1, 3.0)
   s.after_epoch(3, 2.0)
   assert Schedule.from_json(s.to_json()) == s
+
+
+def test_best_checkpoints_kept_after_burnin_only():
+  s = Schedule(Plan(max_epochs=100, align_burnin=1, patience=0, reduce_lr_patience=0), lr=1.0)
+  kept = [s.keep_as_best(e, v, keep=2) for e, v in enumerate([0.1, 5.0, 4.0, 6.0, 3.0, float("nan")], start=1)]
+  assert kept == [False, True, True, False, True, False]
+  assert s.best_kept == [[3.0, 5], [4.0, 3]]
