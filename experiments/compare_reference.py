@@ -16,6 +16,7 @@ import subprocess
 
 import anndata as ad
 import numpy as np
+import pandas as pd
 from ml_collections import config_flags
 from absl import app, flags
 
@@ -36,12 +37,12 @@ def export(dataset: data.Dataset, out: pathlib.Path) -> list:
     present = dataset.pairing.rows[name] >= 0
     rows = dataset.pairing.rows[name][present]
     order = np.argsort(rows)
-    adata = ad.AnnData(obs=m.obs.iloc[rows[order]][[]].copy())
-    adata.obs_names = dataset.pairing.ids[present][order].astype(str)  # Hidden pairs get IDs of their own.
-    adata.obs["batch"] = np.asarray(m.batch_categories)[m.batch[rows[order]]]
-    adata.obs["batch"] = adata.obs["batch"].astype("category").cat.set_categories(list(m.batch_categories))
-    adata.layers["counts"] = m.counts[rows[order]]
-    adata.X = adata.layers["counts"]
+    counts = m.counts[rows[order]]
+    obs = pd.DataFrame(index=dataset.pairing.ids[present][order].astype(str))  # Hidden pairs: IDs of their own.
+    obs["batch"] = pd.Categorical(np.asarray(m.batch_categories)[m.batch[rows[order]]],
+                                  categories=list(m.batch_categories))
+    adata = ad.AnnData(X=counts, obs=obs, var=pd.DataFrame(index=m.features))
+    adata.layers["counts"] = counts
     adata.obsm["X_rep"] = m.rep[rows[order]]
     path = out / f"{name}.h5ad"
     adata.write_h5ad(path)
@@ -68,7 +69,8 @@ def main(argv):
   subprocess.run([_REF_PYTHON.value, str(HERE / "reference_scglue.py"), *mods, "--heldout", str(out / "pairs.tsv"),
                   "--preset", _PRESET.value, "--max-epochs", str(plan.max_epochs),
                   "--align-burnin", str(plan.align_burnin), "--patience", str(plan.patience),
-                  "--reduce-lr-patience", str(plan.reduce_lr_patience), "--out", str(result_path)], check=True)
+                  "--reduce-lr-patience", str(plan.reduce_lr_patience),
+                  "--shared-batches", str(config.model.shared_batches).lower(), "--out", str(result_path)], check=True)
   reference = json.loads(result_path.read_text())
   clue = json.loads((pathlib.Path(_CLUE_WORKDIR.value) / "summary.json").read_text())
   table = {"clue_jax": {"heldout_foscttm": clue["heldout_foscttm"], "epochs_run": clue["epochs_run"]},

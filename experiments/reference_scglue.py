@@ -118,6 +118,8 @@ def parse_args(argv=None):
   parser.add_argument("--max-epochs", type=int, help="fit(max_epochs=...); AUTO when left out")
   for flag in ("align-burnin", "patience", "reduce-lr-patience"):
     parser.add_argument(f"--{flag}", type=int, help=f"fit({flag.replace('-', '_')}=...); AUTO when left out")
+  parser.add_argument("--shared-batches", choices=["true", "false"],
+                      help="override the preset's shared_batches (the discriminator's batch condition)")
   parser.add_argument("--seed", type=int, help="random seed (default: the preset's random_seed)")
   parser.add_argument("--threads", type=int, default=2, help="torch / BLAS threads (default 2)")
   parser.add_argument("--out", required=True, metavar="RESULT.json")
@@ -262,7 +264,10 @@ def main(argv=None):
   n_ids = len(set().union(*(set(a.obs_names) for a in adatas.values())))
   n_ids_train = int(round(0.9 * n_ids))  # fit()'s default val_split = 0.1, split over cell IDs
 
-  model = scglue.models.SCCLUEModel(adatas, random_seed=seed, **preset["model"])
+  model_kwargs = dict(preset["model"])
+  if args.shared_batches:
+    model_kwargs["shared_batches"] = args.shared_batches == "true"
+  model = scglue.models.SCCLUEModel(adatas, random_seed=seed, **model_kwargs)
   model.compile(**preset["compile"])
 
   # Count epochs and minibatch rows: wrap the trainer's train_step on the instance (ignite's Engine is built from
