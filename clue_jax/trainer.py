@@ -291,11 +291,13 @@ def train_and_evaluate(config, workdir) -> dict:
     if not finite.all():
       bad_step = int(np.flatnonzero(finite == 0)[0])
       last = ckpts.latest_epoch()
+      kept = (f"the last good checkpoint is epoch {last} in {workdir / 'checkpoints' / 'latest'}" if last is not None
+              else "no checkpoint had been written yet")
       raise TrainingError(
           f"non-finite loss in epoch {epoch}, step {bad_step + 1} of {n_steps} "
           f"(global step {int(state.step) - n_steps + bad_step + 1}): {first_bad_term(measurements, bad_step)}. "
-          f"That step's update was not applied and training stopped; the last good checkpoint is epoch {last} in "
-          f"{workdir / 'checkpoints' / 'latest'}. Lower train.lr or check the input data.")
+          f"That step's update was not applied and training stopped; {kept}. Lower train.lr or check the input "
+          f"data.")
 
     record = {"epoch": epoch, "step": int(state.step), "lr": schedule.lr, "noise_scale": noise}
     record.update({f"train/loss_{k}": v for k, v in train_terms.items()})

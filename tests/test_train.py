@@ -198,3 +198,14 @@ def test_workdir_with_another_run_is_refused(smoke_run):
   workdir, _, _ = smoke_run
   with pytest.raises(trainer.TrainingError, match="holds a run with a different config"):
     trainer.train_and_evaluate(load_config(lr=1e-3), workdir)
+
+
+def test_non_finite_loss_stops_with_a_clear_message(tmp_path):
+  """A diverging run stops naming the epoch, step and loss term, and keeps its last good checkpoint."""
+  config = load_config(lr=1e12, checkpoint_interval_s=0.0)
+  with pytest.raises(trainer.TrainingError, match=r"non-finite loss in epoch \d+, step \d+ of \d+ .*: \w+="):
+    trainer.train_and_evaluate(config, tmp_path)
+  latest = tmp_path / "checkpoints" / "latest"
+  epochs = sorted(int(p.name) for p in latest.iterdir() if p.name.isdigit()) if latest.exists() else []
+  for value in jax.tree.leaves(saved_params(tmp_path, epochs[-1])) if epochs else []:
+    assert np.isfinite(np.asarray(value)).all()
