@@ -302,6 +302,15 @@ def load_dataset(config, saved: dict | None = None) -> Dataset:
   return Dataset(modalities, pairing, train_ids, val_ids, heldout, label_categories)
 
 
+def steps_chunk(dataset: Dataset, epoch_rows: sampler.EpochRows, first_step: int, n_steps: int,
+                batch_size: int) -> dict:
+  """Dense arrays of shape (n_steps, batch_size, ...) for steps first_step .. first_step + n_steps of an epoch."""
+  sl = slice(first_step * batch_size, (first_step + n_steps) * batch_size)
+  return minibatch(dataset, {n: r[sl].reshape(n_steps, batch_size) for n, r in epoch_rows.rows.items()},
+                   {n: m[sl].reshape(n_steps, batch_size) for n, m in epoch_rows.masks.items()},
+                   epoch_rows.valid[sl].reshape(n_steps, batch_size))
+
+
 def minibatch(dataset: Dataset, rows: dict, masks: dict, valid: np.ndarray) -> dict:
   """Dense arrays for the given rows of every modality (leading axes as given, e.g. (steps, batch))."""
   batch = {"valid": valid.astype(np.float32)}

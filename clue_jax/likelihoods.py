@@ -15,14 +15,16 @@ EPS = 1e-7
 _HALF_LOG_2PI = 0.5 * math.log(2.0 * math.pi)
 
 
-def negative_binomial(x, mean, inverse_dispersion):
+def negative_binomial(x, mean, inverse_dispersion, lgamma_inverse_dispersion=None):
   """NB with the given mean and inverse dispersion theta, as torch's NegativeBinomial(theta, logits).
 
   The logits are log(mean + eps) - log(theta), as in the reference; x may be non-integer (lgamma form).
+  `lgamma_inverse_dispersion` may pass lgamma(theta) when it is cheaper to compute elsewhere.
   """
   theta = inverse_dispersion
+  lgamma_theta = gammaln(theta) if lgamma_inverse_dispersion is None else lgamma_inverse_dispersion
   logits = jnp.log(mean + EPS) - jnp.log(theta)
-  log_norm = gammaln(x + theta) - gammaln(theta) - gammaln(x + 1.0)
+  log_norm = gammaln(x + theta) - lgamma_theta - gammaln(x + 1.0)
   return log_norm + theta * jax.nn.log_sigmoid(-logits) + x * jax.nn.log_sigmoid(logits)
 
 

@@ -31,7 +31,8 @@ class Weights(NamedTuple):
 def log_prob(likelihood: str, x, params):
   """Element-wise log-likelihood of `x` under the decoder's distribution parameters."""
   if likelihood == "NB":
-    return likelihoods.negative_binomial(x, params["mean"], params["inverse_dispersion"])
+    return likelihoods.negative_binomial(x, params["mean"], params["inverse_dispersion"],
+                                         params.get("lgamma_inverse_dispersion"))
   if likelihood == "Normal":
     return likelihoods.normal(x, params["loc"], params["scale"])
   if likelihood == "ZIN":

@@ -10,6 +10,7 @@ from typing import NamedTuple
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.scipy.special import gammaln
 
 EPS = 1e-7
 LEAKY_SLOPE = 0.2
@@ -176,9 +177,12 @@ class ModalityDecoder(nn.Module):
       h = jnp.concatenate([h, onehot], -1)
     loc = Linear(self.spec.n_features, name="loc")(h)
     shape = (self.spec.n_batches, self.spec.n_features)
-    heads = {name: self.param(name, nn.initializers.zeros, shape)[batch_index]
-             for name in HEADS[self.spec.likelihood]}
-    return distribution_params(self.spec.likelihood, loc, heads, library)
+    tables = {name: self.param(name, nn.initializers.zeros, shape) for name in HEADS[self.spec.likelihood]}
+    heads = {name: table[batch_index] for name, table in tables.items()}
+    params = distribution_params(self.spec.likelihood, loc, heads, library)
+    if self.spec.likelihood == "NB":  # lgamma(theta) per (batch, feature) once, not per (cell, feature).
+      params["lgamma_inverse_dispersion"] = gammaln(jnp.exp(tables["log_theta"]))[batch_index]
+    return params
 
 
 def distribution_params(likelihood: str, loc, heads, library):

@@ -239,8 +239,7 @@ def train_and_evaluate(config, workdir) -> dict:
   init_key, step_key, eval_key = jax.random.split(root_key, 3)
   rows0 = sampler.epoch_rows(dataset.pairing, dataset.train_ids, np.random.default_rng([config.seed, 0]),
                              batch_size, drop_last=True)
-  example = data.minibatch(dataset, {n: r[:batch_size] for n, r in rows0.rows.items()},
-                           {n: m[:batch_size] for n, m in rows0.masks.items()}, rows0.valid[:batch_size])
+  example = jax.tree.map(lambda x: x[0], data.steps_chunk(dataset, rows0, 0, 1, batch_size))
   init = jax.jit(lambda key, batch: steps.init_state(model, key, batch), out_shardings=state_sharding)
   abstract_state = jax.eval_shape(lambda: steps.init_state(model, init_key, example))
   abstract_state = checkpoint.abstract(abstract_state, state_sharding)
@@ -279,11 +278,7 @@ def train_and_evaluate(config, workdir) -> dict:
     n_steps = len(rows.valid) // batch_size
     measurements = []
     for first in range(0, n_steps, steps_per_dispatch):
-      count = min(steps_per_dispatch, n_steps - first)
-      sl = slice(first * batch_size, (first + count) * batch_size)
-      chunk = data.minibatch(dataset, {n: r[sl].reshape(count, batch_size) for n, r in rows.rows.items()},
-                             {n: m[sl].reshape(count, batch_size) for n, m in rows.masks.items()},
-                             rows.valid[sl].reshape(count, batch_size))
+      chunk = data.steps_chunk(dataset, rows, first, min(steps_per_dispatch, n_steps - first), batch_size)
       state, measured = train_chunk(state, parallel.put(chunk, chunk_sharding), step_key,
                                     np.float32(schedule.lr), np.float32(noise))
       measurements.append(measured)

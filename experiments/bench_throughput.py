@@ -91,10 +91,7 @@ def measure(config, epochs: int) -> dict:
   n_steps = len(rows.valid) // batch_size
 
   def chunk_at(epoch_rows, first, count):
-    sl = slice(first * batch_size, (first + count) * batch_size)
-    return data.minibatch(dataset, {n: r[sl].reshape(count, -1) for n, r in epoch_rows.rows.items()},
-                          {n: m[sl].reshape(count, -1) for n, m in epoch_rows.masks.items()},
-                          epoch_rows.valid[sl].reshape(count, -1))
+    return data.steps_chunk(dataset, epoch_rows, first, count, batch_size)
 
   chunk_sharding = parallel.batch_sharding(mesh, 1)
   example = jax.tree.map(lambda x: x[0], chunk_at(rows, 0, 1))

@@ -131,9 +131,7 @@ def test_same_step_on_one_and_four_devices():
   weights = trainer.loss_weights(config, dataset.names)
   batch_size = config.train.batch_size
   rows = sampler.epoch_rows(dataset.pairing, dataset.train_ids, np.random.default_rng(0), batch_size, True)
-  chunk = data.minibatch(dataset, {n: r[:batch_size].reshape(1, -1) for n, r in rows.rows.items()},
-                         {n: m[:batch_size].reshape(1, -1) for n, m in rows.masks.items()},
-                         rows.valid[:batch_size].reshape(1, -1))
+  chunk = data.steps_chunk(dataset, rows, 0, 1, batch_size)
   initial = jax.device_get(steps.init_state(model, jax.random.key(0), jax.tree.map(lambda x: x[0], chunk)))
   train_chunk = steps.make_train_chunk(model, weights, True)
   results = {}
