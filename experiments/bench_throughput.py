@@ -16,7 +16,6 @@ Default shape: the reference's benchmark preset (benchmark.md §B): 3,000 fully 
 
 import argparse
 import json
-import os
 import pathlib
 import subprocess
 import sys

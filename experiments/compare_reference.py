@@ -9,7 +9,6 @@ reference's own virtualenv with the same epoch budget, burn-in and patiences, an
 (clue_jax's from `--clue-workdir`'s `summary.json`, which must hold a finished run of the same config).
 """
 
-import argparse
 import json
 import pathlib
 import subprocess
