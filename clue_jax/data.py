@@ -15,6 +15,7 @@ import h5py
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
+from scipy.special import gammaln
 
 from clue_jax import preprocess, sampler
 
@@ -39,6 +40,7 @@ class Modality:
   batch_categories: tuple
   label: np.ndarray  # (cells,) int32 label index, -1 = unlabelled.
   preprocess: dict  # Fitted representation state (preprocess.state_to_arrays), {} if none.
+  log_factorial: np.ndarray | None = None  # (cells,) sum_f lgamma(counts + 1), for NB (a data constant).
 
 
 @dataclasses.dataclass
@@ -248,10 +250,19 @@ def build_modality(name: str, raw: RawModality, state: dict, batch_categories, l
   label = np.full(n, -1, np.int32)
   if spec.label_key:
     label, _ = obs_codes(adata, spec.label_key, raw.path, f"data.modalities.{name}.label_key", label_categories)
+  counts = raw.counts[:, raw.feature_mask].tocsr()
   return Modality(name=name, path=raw.path, obs=adata.obs.copy(),
                   features=np.asarray(adata.var_names[raw.feature_mask]).astype(str),
-                  counts=raw.counts[:, raw.feature_mask].tocsr(), rep=apply_representation(raw, name, state),
-                  batch=batch, batch_categories=tuple(batch_categories), label=label, preprocess=state)
+                  counts=counts, rep=apply_representation(raw, name, state),
+                  batch=batch, batch_categories=tuple(batch_categories), label=label, preprocess=state,
+                  log_factorial=row_log_factorials(counts) if spec.likelihood == "NB" else None)
+
+
+def row_log_factorials(counts: sp.csr_matrix) -> np.ndarray:
+  """sum_f lgamma(x_f + 1) per row, from the non-zeros only (lgamma(1) = 0)."""
+  per_entry = sp.csr_matrix((gammaln(counts.data.astype(np.float64) + 1.0), counts.indices, counts.indptr),
+                            shape=counts.shape)
+  return np.asarray(per_entry.sum(1), np.float32).ravel()
 
 
 def label_categories_of(raws: dict) -> tuple:
@@ -325,5 +336,7 @@ def minibatch(dataset: Dataset, rows: dict, masks: dict, valid: np.ndarray) -> d
     }
     if m.rep is not None:
       arrays["rep"] = m.rep[r]
+    if m.log_factorial is not None:
+      arrays["log_factorial"] = m.log_factorial[r]
     batch[name] = arrays
   return batch

@@ -15,16 +15,19 @@ EPS = 1e-7
 _HALF_LOG_2PI = 0.5 * math.log(2.0 * math.pi)
 
 
-def negative_binomial(x, mean, inverse_dispersion, lgamma_inverse_dispersion=None):
+def negative_binomial(x, mean, inverse_dispersion, lgamma_inverse_dispersion=None, with_log_factorial=True):
   """NB with the given mean and inverse dispersion theta, as torch's NegativeBinomial(theta, logits).
 
   The logits are log(mean + eps) - log(theta), as in the reference; x may be non-integer (lgamma form).
-  `lgamma_inverse_dispersion` may pass lgamma(theta) when it is cheaper to compute elsewhere.
+  `lgamma_inverse_dispersion` may pass lgamma(theta) when it is cheaper to compute elsewhere;
+  `with_log_factorial=False` leaves out the data constant -lgamma(x + 1) (for callers that subtract it themselves).
   """
   theta = inverse_dispersion
   lgamma_theta = gammaln(theta) if lgamma_inverse_dispersion is None else lgamma_inverse_dispersion
   logits = jnp.log(mean + EPS) - jnp.log(theta)
-  log_norm = gammaln(x + theta) - lgamma_theta - gammaln(x + 1.0)
+  log_norm = gammaln(x + theta) - lgamma_theta
+  if with_log_factorial:
+    log_norm = log_norm - gammaln(x + 1.0)
   return log_norm + theta * jax.nn.log_sigmoid(-logits) + x * jax.nn.log_sigmoid(logits)
 
 

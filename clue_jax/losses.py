@@ -1,6 +1,8 @@
 """CLUE's objectives (method.md §2), written against a bound `CLUE` module; pure math, no devices or files.
 
-A batch is a dict `{modality: {"rep", "counts", "batch", "label", "mask"}}` of B rows, plus `"valid"` (B,):
+A batch is a dict `{modality: {"rep", "counts", "batch", "label", "mask", "log_factorial"}}` of B rows, plus
+`"valid"` (B,); `log_factorial` (NB modalities) is the data constant sum_f lgamma(x_f + 1) of each row, so that the
+step need not evaluate it per element;
 `mask` marks rows where the cell ID really exists in that modality (the others are random fills), `valid` marks
 real rows (padding of evaluation batches is 0). Every mean below runs over valid rows only.
 """
@@ -28,11 +30,11 @@ class Weights(NamedTuple):
   modality: tuple[float, ...] = ()
 
 
-def log_prob(likelihood: str, x, params):
+def log_prob(likelihood: str, x, params, with_log_factorial: bool = True):
   """Element-wise log-likelihood of `x` under the decoder's distribution parameters."""
   if likelihood == "NB":
     return likelihoods.negative_binomial(x, params["mean"], params["inverse_dispersion"],
-                                         params.get("lgamma_inverse_dispersion"))
+                                         params.get("lgamma_inverse_dispersion"), with_log_factorial)
   if likelihood == "Normal":
     return likelihoods.normal(x, params["loc"], params["scale"])
   if likelihood == "ZIN":
@@ -51,9 +53,15 @@ def masked_mean(values, rows):
   return jnp.where(rows > 0, values, 0.0).sum() / jnp.maximum(rows.sum(), 1.0)
 
 
-def reconstruction_nll(likelihood: str, x, params, rows):
-  """Mean over selected rows x features of -log p(x), as `.log_prob(x[rows]).mean()` in the reference."""
-  per_row = log_prob(likelihood, x, params).mean(-1)
+def reconstruction_nll(likelihood: str, x, params, rows, log_factorial=None):
+  """Mean over selected rows x features of -log p(x), as `.log_prob(x[rows]).mean()` in the reference.
+
+  For NB, `log_factorial` (per row, sum_f lgamma(x_f + 1)) replaces the element-wise evaluation of that constant.
+  """
+  if log_factorial is not None and likelihood == "NB":
+    per_row = log_prob(likelihood, x, params, with_log_factorial=False).mean(-1) - log_factorial / x.shape[-1]
+  else:
+    per_row = log_prob(likelihood, x, params).mean(-1)
   mean_log_prob = masked_mean(per_row, rows)
   if likelihood == "RMSE":
     return jnp.sqrt(jnp.maximum(-mean_log_prob, 0.0))
@@ -128,7 +136,7 @@ def generator_objective(clue: CLUE, batch, key, noise_scale, weights: Weights, n
   def nll(target, z, lib, rows):
     x = batch[target]
     params = clue.decode(target, z, x["batch"], lib, train, rows)
-    return reconstruction_nll(specs[target].likelihood, x["counts"], params, rows)
+    return reconstruction_nll(specs[target].likelihood, x["counts"], params, rows, x.get("log_factorial"))
 
   terms = {}
   # 1-2. Self reconstruction over all rows (random fills included) and the per-feature KL.
