@@ -121,7 +121,7 @@ def check_counts(counts: sp.csr_matrix, likelihood: str, path: str, field: str, 
   if (values < 0).any():
     raise DataError(f"{path}: {field} holds {int((values < 0).sum())} negative values, but likelihood "
                     f"{likelihood} needs raw counts; point the layer at raw counts or pick another likelihood")
-  fraction = np.mean(values != np.round(values)) * values.size / max(np.prod(counts.shape), 1)
+  fraction = np.count_nonzero(values != np.round(values)) / max(np.prod(counts.shape), 1)
   if fraction > 0:
     message = (f"{path}: {field} has non-integer values in {fraction:.4%} of entries under likelihood "
                f"{likelihood}; training proceeds with the continuous NB density. Use raw integer counts if you "

@@ -175,19 +175,15 @@ def save_embedding(path: pathlib.Path, obs: pd.DataFrame, embedding: np.ndarray)
 
 
 # ------------------------------------------------------------------------------------------------------ loop
-def epoch_means(measurements: list) -> tuple[dict, np.ndarray]:
-  """Per-term means over the epoch's steps, and the per-step `finite` flags."""
+def per_step_values(measurements: list) -> dict:
+  """The epoch's measurements (one dict per dispatched chunk) fetched once, as {term: (steps,) array}."""
   stacked = jax.device_get(measurements)
-  merged = {k: np.concatenate([np.asarray(m[k]).reshape(-1) for m in stacked]) for k in stacked[0]}
-  finite = merged.pop("finite")
-  return {k: float(v.mean()) for k, v in merged.items()}, finite
+  return {k: np.concatenate([np.asarray(m[k]).reshape(-1) for m in stacked]) for k in stacked[0]}
 
 
-def first_bad_term(measurements: list, step_in_epoch: int) -> str:
-  stacked = jax.device_get(measurements)
-  merged = {k: np.concatenate([np.asarray(m[k]).reshape(-1) for m in stacked]) for k in stacked[0]}
-  bad = [k for k, v in merged.items() if k != "finite" and not np.isfinite(v[step_in_epoch])]
-  return ", ".join(f"{k}={merged[k][step_in_epoch]}" for k in bad) or "unknown"
+def first_bad_term(values: dict, step_in_epoch: int) -> str:
+  bad = [k for k, v in values.items() if k != "finite" and not np.isfinite(v[step_in_epoch])]
+  return ", ".join(f"{k}={values[k][step_in_epoch]}" for k in bad) or "unknown"
 
 
 def validate(eval_fn, state, dataset, epoch_rows: sampler.EpochRows, batch_size, key, noise, sharding):
@@ -282,7 +278,9 @@ def train_and_evaluate(config, workdir) -> dict:
       state, measured = train_chunk(state, parallel.put(chunk, chunk_sharding), step_key,
                                     np.float32(schedule.lr), np.float32(noise))
       measurements.append(measured)
-    train_terms, finite = epoch_means(measurements)
+    values = per_step_values(measurements)
+    finite = values["finite"]
+    train_terms = {k: float(v.mean()) for k, v in values.items() if k != "finite"}
     if not finite.all():
       bad_step = int(np.flatnonzero(finite == 0)[0])
       last = ckpts.latest_epoch()
@@ -290,7 +288,7 @@ def train_and_evaluate(config, workdir) -> dict:
               else "no checkpoint had been written yet")
       raise TrainingError(
           f"non-finite loss in epoch {epoch}, step {bad_step + 1} of {n_steps} "
-          f"(global step {int(state.step) - n_steps + bad_step + 1}): {first_bad_term(measurements, bad_step)}. "
+          f"(global step {int(state.step) - n_steps + bad_step + 1}): {first_bad_term(values, bad_step)}. "
           f"That step's update was not applied and training stopped; {kept}. Lower train.lr or check the input "
           f"data.")
 
