@@ -83,7 +83,7 @@ def nmi_louvain(graph: sp.spmatrix, labels, resolutions=RESOLUTIONS, seed: int =
   return max(nmi(louvain(adjacency, resolution, seed), labels) for resolution in resolutions)
 
 
-def silhouette_samples(x: np.ndarray, labels, chunk: int = 1024) -> np.ndarray:
+def silhouette_samples(x: np.ndarray, labels, chunk: int = 256) -> np.ndarray:
   """Euclidean silhouette per cell (sklearn's definition; 0 for a cell alone in its label)."""
   _, codes = np.unique(np.asarray(labels), return_inverse=True)
   sizes = np.bincount(codes).astype(np.float64)

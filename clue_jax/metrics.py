@@ -152,7 +152,7 @@ def knn_label_transfer_accuracy(source_embedding, source_labels, target_embeddin
   return float((predicted == target_labels).mean())
 
 
-def nearest_rows(queries, references, k: int, same: bool = False, chunk: int = 1024):
+def nearest_rows(queries, references, k: int, same: bool = False, chunk: int = 256):
   """(indices, distances), each (queries, k): the `k` rows of `references` nearest each query row (Euclidean),
   nearest first; chunked over queries.
 
