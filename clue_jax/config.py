@@ -4,6 +4,8 @@ The config files in `configs/` start from `get_config()` and change a few fields
 library's (scglue 0.4.1 `SCCLUEModel`, method.md §1.5, §2, §3).
 """
 
+import copy
+import difflib
 import pathlib
 
 import ml_collections
@@ -164,3 +166,43 @@ def validate(config: ml_collections.ConfigDict):
          "seconds >= 0")
   _check(train.steps_per_dispatch > 0, "train.steps_per_dispatch", train.steps_per_dispatch, "a positive integer")
   _check(train.num_devices >= 0, "train.num_devices", train.num_devices, "0 (all) or a positive integer")
+
+
+def _leaves(config: ml_collections.ConfigDict, prefix: str = ""):
+  """(dotted key, value) for every non-group field."""
+  for key, value in config.items():
+    if isinstance(value, ml_collections.ConfigDict):
+      yield from _leaves(value, f"{prefix}{key}.")
+    else:
+      yield f"{prefix}{key}", value
+
+
+def _typed(key: str, default, value):
+  """`value` as the field's type, accepting what the command line's parser for that type accepts."""
+  expected = type(default)
+  if expected not in (bool, int, float, str):
+    raise ConfigError(f"{key} holds a {expected.__name__}; only bool, int, float and str fields can be overridden")
+  if expected is float and type(value) is int:
+    return float(value)
+  if type(value) is not expected:
+    raise ConfigError(f"{key}={value!r} has type {type(value).__name__}; expected {expected.__name__} "
+                      f"(its default is {default!r})")
+  return value
+
+
+def apply_overrides(config: ml_collections.ConfigDict, overrides: dict) -> ml_collections.ConfigDict:
+  """A copy of `config` with flat overrides such as `{"loss.lam_align": 0.0}`, checked as `--config.KEY=VALUE` is."""
+  config = copy.deepcopy(config)
+  leaves = dict(_leaves(config))
+  for key, value in overrides.items():
+    if key not in leaves:
+      inside = [k for k in leaves if k.startswith(f"{key}.")]
+      close = inside[:3] or difflib.get_close_matches(key, leaves, n=3)
+      hint = (f"did you mean {' or '.join(close)}?" if close else "every key is listed in clue_jax/config.py")
+      raise ConfigError(f"unknown config key {key!r}: {hint}")
+    parent, _, field = key.rpartition(".")
+    group = config
+    for part in parent.split(".") if parent else ():
+      group = group[part]
+    group[field] = _typed(key, leaves[key], value)
+  return config

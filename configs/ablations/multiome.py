@@ -1,0 +1,22 @@
+"""Ablations on the BMMC Multiome starter: configs/multiome.py with 20 % of the pairs hidden (held-out FOSCTTM) and
+at most 100 epochs, for 7 settings x 3 seeds (clue_jax/ablations.py).
+
+  python -m clue_jax.sweep --config=configs/ablations/multiome.py --workdir=runs/ablations_multiome
+"""
+
+import pathlib
+
+from clue_jax import ablations, config_files
+
+BASE = config_files.load_module(pathlib.Path(__file__).resolve().parent.parent / "multiome.py")
+
+
+def get_config():
+  config = BASE.get_config()
+  config.data.heldout_pairs = 0.2
+  config.train.auto_epoch_cap = 100
+  return config
+
+
+def get_sweep():
+  return ablations.sweep(get_config())

@@ -1,0 +1,18 @@
+"""Ablations on the partially paired PBMC data: configs/pbmc.py (10 % of the pairs hidden, 100 epochs) for
+7 settings x 3 seeds (clue_jax/ablations.py). `configs/ablations/pbmc.py:competition` uses the competition sizes.
+
+  python -m clue_jax.sweep --config=configs/ablations/pbmc.py --workdir=runs/ablations_pbmc
+"""
+
+import pathlib
+
+from clue_jax import ablations, config_files
+
+BASE = config_files.load_module(pathlib.Path(__file__).resolve().parent.parent / "pbmc.py")
+
+
+get_config = BASE.get_config
+
+
+def get_sweep():
+  return ablations.sweep(get_config())
