@@ -15,20 +15,31 @@ EPS = 1e-7
 _HALF_LOG_2PI = 0.5 * math.log(2.0 * math.pi)
 
 
-def negative_binomial(x, mean, inverse_dispersion, lgamma_inverse_dispersion=None, with_log_factorial=True):
+def negative_binomial(x, mean, inverse_dispersion):
   """NB with the given mean and inverse dispersion theta, as torch's NegativeBinomial(theta, logits).
 
   The logits are log(mean + eps) - log(theta), as in the reference; x may be non-integer (lgamma form).
-  `lgamma_inverse_dispersion` may pass lgamma(theta) when it is cheaper to compute elsewhere;
-  `with_log_factorial=False` leaves out the data constant -lgamma(x + 1) (for callers that subtract it themselves).
   """
-  theta = inverse_dispersion
-  lgamma_theta = gammaln(theta) if lgamma_inverse_dispersion is None else lgamma_inverse_dispersion
-  logits = jnp.log(mean + EPS) - jnp.log(theta)
-  log_norm = gammaln(x + theta) - lgamma_theta
-  if with_log_factorial:
-    log_norm = log_norm - gammaln(x + 1.0)
-  return log_norm + theta * jax.nn.log_sigmoid(-logits) + x * jax.nn.log_sigmoid(logits)
+  return (nb_normaliser(x, inverse_dispersion) - gammaln(x + 1.0)
+          + nb_mean_part(x, mean, inverse_dispersion))
+
+
+def nb_normaliser(x, theta, lgamma_theta=None):
+  """lgamma(x + theta) - lgamma(theta): the part of log NB that depends on theta but not on the mean.
+
+  `lgamma_theta` may pass lgamma(theta) when it is cheaper to compute elsewhere (per batch and feature).
+  """
+  return gammaln(x + theta) - (gammaln(theta) if lgamma_theta is None else lgamma_theta)
+
+
+def nb_mean_part(x, mean, theta):
+  """theta log(sigmoid(-logits)) + x log(sigmoid(logits)) with logits = log(r), r = (mean + eps) / theta.
+
+  Evaluated as -theta log1p(r) - x log1p(1 / r): the same value with two logarithms instead of two log-sigmoids
+  per element, and no cancellation for small or large r.
+  """
+  ratio = (mean + EPS) / theta
+  return -theta * jnp.log1p(ratio) - x * jnp.log1p(1.0 / ratio)
 
 
 def normal(x, loc, scale):

@@ -12,8 +12,9 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import optax
+from jax.scipy.special import gammaln
 
-from clue_jax import likelihoods
+from clue_jax import likelihoods, rng
 from clue_jax.model import CLUE
 
 
@@ -30,11 +31,10 @@ class Weights(NamedTuple):
   modality: tuple[float, ...] = ()
 
 
-def log_prob(likelihood: str, x, params, with_log_factorial: bool = True):
+def log_prob(likelihood: str, x, params):
   """Element-wise log-likelihood of `x` under the decoder's distribution parameters."""
   if likelihood == "NB":
-    return likelihoods.negative_binomial(x, params["mean"], params["inverse_dispersion"],
-                                         params.get("lgamma_inverse_dispersion"), with_log_factorial)
+    return likelihoods.negative_binomial(x, params["mean"], params["inverse_dispersion"])
   if likelihood == "Normal":
     return likelihoods.normal(x, params["loc"], params["scale"])
   if likelihood == "ZIN":
@@ -49,17 +49,36 @@ def log_prob(likelihood: str, x, params, with_log_factorial: bool = True):
 
 
 def masked_mean(values, rows):
-  """Mean of per-row `values` over rows with weight 1; 0 when no row is selected."""
-  return jnp.where(rows > 0, values, 0.0).sum() / jnp.maximum(rows.sum(), 1.0)
+  """Mean over the last axis of `values` over entries with weight 1; 0 when none is selected."""
+  return jnp.where(rows > 0, values, 0.0).sum(-1) / jnp.maximum(rows.sum(-1), 1.0)
+
+
+def nb_row_log_probs(x, params, log_factorial=None):
+  """Per-row mean over features of log NB(x), for decoder outputs of shape (..., B, F) and counts (B, F).
+
+  The mean-free normaliser lgamma(x + theta) - lgamma(theta) is evaluated once, on the first pass: it depends only
+  on the counts and theta, which is the same for every pass (per batch and feature). `log_factorial` (per row,
+  sum_f lgamma(x_f + 1), computed at load time) replaces the element-wise evaluation of that data constant.
+  """
+  theta = params["inverse_dispersion"]
+  first = (0,) * (theta.ndim - 2)
+  lgamma_theta = params.get("lgamma_inverse_dispersion")
+  normaliser = likelihoods.nb_normaliser(x, theta[first], None if lgamma_theta is None else lgamma_theta[first])
+  if log_factorial is None:
+    normaliser = normaliser.mean(-1) - gammaln(x + 1.0).mean(-1)
+  else:
+    normaliser = normaliser.mean(-1) - log_factorial / x.shape[-1]
+  return likelihoods.nb_mean_part(x, params["mean"], theta).mean(-1) + normaliser
 
 
 def reconstruction_nll(likelihood: str, x, params, rows, log_factorial=None):
   """Mean over selected rows x features of -log p(x), as `.log_prob(x[rows]).mean()` in the reference.
 
-  For NB, `log_factorial` (per row, sum_f lgamma(x_f + 1)) replaces the element-wise evaluation of that constant.
+  `params` may carry leading axes before (B, F) (several decoder passes scoring the same counts `x` (B, F)), with
+  `rows` of shape (..., B): one value per pass.
   """
-  if log_factorial is not None and likelihood == "NB":
-    per_row = log_prob(likelihood, x, params, with_log_factorial=False).mean(-1) - log_factorial / x.shape[-1]
+  if likelihood == "NB":
+    per_row = nb_row_log_probs(x, params, log_factorial)
   else:
     per_row = log_prob(likelihood, x, params).mean(-1)
   mean_log_prob = masked_mean(per_row, rows)
@@ -86,7 +105,7 @@ def cosine_similarity(a, b, eps=1e-8):
 def discriminator_inputs(locs, key, noise_scale):
   """The posterior means plus the burn-in annealing noise a(e) * N(0, I) (method.md §2, term 6)."""
   keys = jax.random.split(key, len(locs))
-  return [loc + noise_scale * jax.random.normal(k, loc.shape, loc.dtype) for loc, k in zip(locs, keys)]
+  return [loc + noise_scale * rng.normal(k, loc.shape, loc.dtype) for loc, k in zip(locs, keys)]
 
 
 def discriminator_cross_entropy(clue: CLUE, batch, vs, train: bool):
@@ -119,7 +138,7 @@ def generator_objective(clue: CLUE, batch, key, noise_scale, weights: Weights, n
   for name, k in zip(names, sample_keys):
     x = batch[name]
     locs[name], stds[name], libraries[name] = clue.encode(name, x.get("rep"), x["counts"], train)
-    sample = locs[name] + stds[name] * jax.random.normal(k, locs[name].shape, locs[name].dtype)
+    sample = locs[name] + stds[name] * rng.normal(k, locs[name].shape, locs[name].dtype)
     u[name] = l2_normalize(sample) if normalize_u else sample
 
   masks = {name: batch[name]["mask"] * valid for name in names}
@@ -133,25 +152,33 @@ def generator_objective(clue: CLUE, batch, key, noise_scale, weights: Weights, n
     lib = libraries[source] if libraries[source] is not None else libraries[target]
     return None if lib is None else lib[:, names.index(target)]
 
-  def nll(target, z, lib, rows):
+  def decoder_nlls(target, passes):
+    """-log p of `target`'s counts under each (embedding, library source, rows) pass, decoded in one call.
+
+    The passes run through the decoder stacked on a leading axis; BatchNorm normalises each pass over its own
+    rows and moves the running statistics once per pass, in order, as separate calls would.
+    """
     x = batch[target]
+    z = jnp.stack([clue.subspace(u_, target) for u_, _, _ in passes])
+    libs = [library(source, target) for _, source, _ in passes]
+    lib = None if libs[0] is None else jnp.stack(libs)
+    rows = jnp.stack([r for _, _, r in passes])
     params = clue.decode(target, z, x["batch"], lib, train, rows)
     return reconstruction_nll(specs[target].likelihood, x["counts"], params, rows, x.get("log_factorial"))
 
   terms = {}
-  # 1-2. Self reconstruction over all rows (random fills included) and the per-feature KL.
   for name in names:
-    terms[f"self_{name}"] = nll(name, clue.subspace(u[name], name), library(name, name), valid)
-    kl = gaussian_kl(locs[name], stds[name])
-    terms[f"kl_{name}"] = masked_mean(kl, valid) / specs[name].n_features
-  # 3. Joint-cross: the joint embedding decodes every observed modality (library from the target's encoder).
-  for name in names:
-    terms[f"joint_cross_{name}"] = nll(name, clue.subspace(joint, name), library(name, name), masks[name])
-  # 4. Real-cross (v0.3.2+ semantics): rows observed in both; source encoder's library estimate for the target.
-  for target in names:
-    terms[f"real_cross_{target}"] = sum(
-        nll(target, clue.subspace(u[source], target), library(source, target), masks[source] * masks[target])
-        for source in names if source != target)
+    # 1-4. Self reconstruction over all rows (random fills included); joint-cross: the joint embedding decodes
+    # every observed modality (library from the target's encoder); real-cross (v0.3.2+ semantics): rows observed
+    # in both, the source encoder's library estimate for the target.
+    sources = [s for s in names if s != name]
+    passes = ([(u[name], name, valid), (joint, name, masks[name])]
+              + [(u[s], s, masks[s] * masks[name]) for s in sources])
+    nlls = decoder_nlls(name, passes)
+    terms[f"self_{name}"] = nlls[0]
+    terms[f"kl_{name}"] = masked_mean(gaussian_kl(locs[name], stds[name]), valid) / specs[name].n_features
+    terms[f"joint_cross_{name}"] = nlls[1]
+    terms[f"real_cross_{name}"] = nlls[2:].sum()
   # 5. Cosine alignment of each observed modality's embedding with the joint one; skipped without rows.
   cos_total = 0.0
   for name in names:

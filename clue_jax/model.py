@@ -12,6 +12,8 @@ import jax
 import jax.numpy as jnp
 from jax.scipy.special import gammaln
 
+from clue_jax import rng
+
 EPS = 1e-7
 LEAKY_SLOPE = 0.2
 
@@ -57,7 +59,10 @@ class Linear(nn.Module):
     fan_in = x.shape[-1]
     kernel = self.param("kernel", torch_uniform(fan_in), (fan_in, self.features))
     bias = self.param("bias", torch_uniform(fan_in), (self.features,))
-    return x @ kernel + bias
+    # Leading axes folded into one: XLA's CPU backend is far slower on dots with several contracting dimensions
+    # (the kernel gradient of a 3-D input).
+    out = x.reshape(-1, fan_in) @ kernel + bias
+    return out.reshape(x.shape[:-1] + (self.features,))
 
 
 class MaskedBatchNorm(nn.Module):
@@ -65,7 +70,9 @@ class MaskedBatchNorm(nn.Module):
 
   Training normalises with the biased variance of the selected rows and moves the running statistics
   (momentum 0.1) towards their mean and *unbiased* variance; no rows selected leaves them untouched, as the
-  reference, which skips the call. Evaluation uses the running statistics.
+  reference, which skips the call. Evaluation uses the running statistics. Inputs (..., B, F) with leading axes
+  are independent calls stacked: each is normalised over its own rows, and the running statistics move once per
+  call, in order.
   """
 
   momentum: float = 0.1
@@ -81,18 +88,33 @@ class MaskedBatchNorm(nn.Module):
     if not train:
       return (x - running_mean.value) / jnp.sqrt(running_var.value + self.epsilon) * scale + bias
     weights = jnp.ones(x.shape[:-1], x.dtype) if row_mask is None else row_mask.astype(x.dtype)
-    count = weights.sum()
+    count = weights.sum(-1)[..., None]  # (..., 1)
     weights = weights[..., None]
-    mean = (weights * x).sum(0) / jnp.maximum(count, 1.0)
-    var = (weights * jnp.square(x - mean)).sum(0) / jnp.maximum(count, 1.0)
+    mean = (weights * x).sum(-2) / jnp.maximum(count, 1.0)  # (..., F)
+    var = (weights * jnp.square(x - mean[..., None, :])).sum(-2) / jnp.maximum(count, 1.0)
     if not self.is_initializing():
       unbiased = var * count / jnp.maximum(count - 1.0, 1.0)
-      seen = count > 0
-      running_mean.value = jnp.where(
-          seen, (1 - self.momentum) * running_mean.value + self.momentum * mean, running_mean.value)
-      running_var.value = jnp.where(
-          seen, (1 - self.momentum) * running_var.value + self.momentum * unbiased, running_var.value)
-    return (x - mean) / jnp.sqrt(var + self.epsilon) * scale + bias
+      stats = (mean.reshape(-1, width), unbiased.reshape(-1, width), count.reshape(-1) > 0)
+      for call_mean, call_var, seen in zip(*stats):
+        running_mean.value = jnp.where(
+            seen, (1 - self.momentum) * running_mean.value + self.momentum * call_mean, running_mean.value)
+        running_var.value = jnp.where(
+            seen, (1 - self.momentum) * running_var.value + self.momentum * call_var, running_var.value)
+    return (x - mean[..., None, :]) / jnp.sqrt(var[..., None, :] + self.epsilon) * scale + bias
+
+
+class Dropout(nn.Module):
+  """Inverted dropout: zero with probability `rate`, the rest scaled by 1 / (1 - rate); masks from `rng`."""
+
+  rate: float
+  deterministic: bool
+
+  @nn.compact
+  def __call__(self, x):
+    if self.deterministic or self.rate == 0.0:
+      return x
+    keep = rng.bernoulli(self.make_rng("dropout"), 1.0 - self.rate, x.shape)
+    return jnp.where(keep, x / (1.0 - self.rate), 0.0)
 
 
 class HiddenBlock(nn.Module):
@@ -106,7 +128,7 @@ class HiddenBlock(nn.Module):
   def __call__(self, x, row_mask=None):
     x = nn.leaky_relu(Linear(self.width)(x), LEAKY_SLOPE)
     x = MaskedBatchNorm()(x, self.train, row_mask)
-    return nn.Dropout(self.dropout, deterministic=not self.train)(x)
+    return Dropout(self.dropout, deterministic=not self.train)(x)
 
 
 class SubspaceEncoder(nn.Module):
@@ -161,7 +183,10 @@ class ModalityEncoder(nn.Module):
 
 
 class ModalityDecoder(nn.Module):
-  """Decodes one subspace (plus the batch one-hot at every layer) into the likelihood's parameters."""
+  """Decodes one subspace (plus the batch one-hot at every layer) into the likelihood's parameters.
+
+  `z` is (B, d), or (P, B, d) for P passes over the same cells (then `library` and `row_mask` are (P, B)).
+  """
 
   spec: ModalitySpec
   depth: int
@@ -171,6 +196,7 @@ class ModalityDecoder(nn.Module):
   @nn.compact
   def __call__(self, z, batch_index, library, train: bool, row_mask=None):
     onehot = jax.nn.one_hot(batch_index, self.spec.n_batches, dtype=z.dtype)
+    onehot = jnp.broadcast_to(onehot, z.shape[:-1] + onehot.shape[-1:])
     h = jnp.concatenate([z, onehot], -1)
     for _ in range(self.depth):
       h = HiddenBlock(self.width, self.dropout, train)(h, row_mask)
@@ -178,23 +204,40 @@ class ModalityDecoder(nn.Module):
     loc = Linear(self.spec.n_features, name="loc")(h)
     shape = (self.spec.n_batches, self.spec.n_features)
     tables = {name: self.param(name, nn.initializers.zeros, shape) for name in HEADS[self.spec.likelihood]}
-    heads = {name: table[batch_index] for name, table in tables.items()}
-    params = distribution_params(self.spec.likelihood, loc, heads, library)
-    if self.spec.likelihood == "NB":  # lgamma(theta) per (batch, feature) once, not per (cell, feature).
-      params["lgamma_inverse_dispersion"] = gammaln(jnp.exp(tables["log_theta"]))[batch_index]
-    return params
+    # Head transforms per (batch, feature), then gathered per cell and pass. (A (B, F) gather broadcast over the
+    # passes would be cheaper forwards, but its gradient, a reduction over the pass axis, is slow on XLA's CPU.)
+    index = jnp.broadcast_to(batch_index, loc.shape[:-1])
+    heads = {name: table[index] for name, table in head_values(self.spec.likelihood, tables).items()}
+    return distribution_params(self.spec.likelihood, loc, heads, library)
+
+
+def head_values(likelihood: str, tables):
+  """The per-(batch, feature) quantities the likelihood needs, from its raw head tables."""
+  if likelihood == "NB":
+    theta = jnp.exp(tables["log_theta"])
+    return {"scale": nn.softplus(tables["scale_lin"]), "bias": tables["bias"], "theta": theta,
+            "lgamma_theta": gammaln(theta)}
+  if likelihood == "Bernoulli":
+    return {"scale": nn.softplus(tables["scale_lin"]), "bias": tables["bias"]}
+  if likelihood in ("MSE", "RMSE"):
+    return {}
+  values = {"std": nn.softplus(tables["std_lin"]) + EPS}
+  if likelihood in ("ZIN", "ZILN"):
+    values["zi_logits"] = tables["zi_logits"]
+  return values
 
 
 def distribution_params(likelihood: str, loc, heads, library):
-  """The decoder distribution's parameters from the decoder output `loc` and the gathered heads."""
+  """The decoder distribution's parameters from the decoder output `loc` (..., B, F) and the gathered heads."""
   if likelihood == "NB":
-    proportions = jax.nn.softmax(nn.softplus(heads["scale_lin"]) * loc + heads["bias"], axis=-1)
-    return {"mean": proportions * library[:, None], "inverse_dispersion": jnp.exp(heads["log_theta"])}
+    proportions = jax.nn.softmax(heads["scale"] * loc + heads["bias"], axis=-1)
+    return {"mean": proportions * library[..., None], "inverse_dispersion": heads["theta"],
+            "lgamma_inverse_dispersion": heads["lgamma_theta"]}
   if likelihood == "Bernoulli":
-    return {"logits": nn.softplus(heads["scale_lin"]) * loc + heads["bias"]}
+    return {"logits": heads["scale"] * loc + heads["bias"]}
   if likelihood in ("MSE", "RMSE"):
     return {"loc": loc}
-  params = {"loc": loc, "scale": nn.softplus(heads["std_lin"]) + EPS}
+  params = {"loc": loc, "scale": heads["std"]}
   if likelihood in ("ZIN", "ZILN"):
     params["zi_logits"] = heads["zi_logits"]
   return params
@@ -212,7 +255,7 @@ class Discriminator(nn.Module):
   def __call__(self, v, train: bool):
     for _ in range(self.depth):
       v = nn.leaky_relu(Linear(self.width)(v), LEAKY_SLOPE)
-      v = nn.Dropout(self.dropout, deterministic=not train)(v)
+      v = Dropout(self.dropout, deterministic=not train)(v)
     return Linear(self.n_modalities)(v)
 
 

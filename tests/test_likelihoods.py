@@ -51,6 +51,15 @@ def test_negative_binomial_mean_is_the_mean():
     np.testing.assert_allclose((pmf * x).sum(), mean, rtol=1e-6)
 
 
+def test_negative_binomial_mean_part_is_accurate_in_float32():
+  """The rearranged logits form keeps float32 accuracy where the mean is far below or far above theta."""
+  x, mean, theta = grid([0, 1, 3, 20, 300], [1e-3, 0.1, 2.0, 50.0, 1e3], [0.05, 1.0, 30.0, 1e3, 1e5])
+  logits = np.log(mean + 1e-7) - np.log(theta)
+  want = -theta * np.logaddexp(0.0, logits) - x * np.logaddexp(0.0, -logits)  # torch's form, float64.
+  got = np.asarray(likelihoods.nb_mean_part(*(jnp.asarray(a, jnp.float32) for a in (x, mean, theta))))
+  np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+
+
 def test_negative_binomial_non_integer_counts():
   x, mean, theta = grid([0.5, 2.25, 7.5, 130.7], [0.5, 3.0, 40.0], [0.3, 2.0, 50.0])
   got = evaluate(likelihoods.negative_binomial, x, mean, theta)

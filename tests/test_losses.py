@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from scipy.special import gammaln, log_softmax, softmax
 
-from clue_jax import losses
+from clue_jax import losses, rng as clue_rng
 from clue_jax.model import CLUE, MaskedBatchNorm, ModalitySpec
 
 NAMES = ("rna", "adt")
@@ -174,7 +174,7 @@ def dsc_cross_entropy(v, batch, vs):
 
 def normal_draws(key, dtype):
   """One N(0, I) draw per modality from split(key, K), as the objectives make them."""
-  return [np.asarray(jax.random.normal(k, (B, K * LATENT), dtype), np.float64) for k in jax.random.split(key, K)]
+  return [np.asarray(clue_rng.normal(k, (B, K * LATENT), dtype), np.float64) for k in jax.random.split(key, K)]
 
 
 def posterior_means(v, batch):
@@ -321,6 +321,20 @@ def test_masked_batch_norm_without_rows_keeps_running_stats(norm_inputs, x64):
   assert np.isfinite(y).all()
   for name in ("mean", "var"):
     np.testing.assert_array_equal(stats[name], v["batch_stats"][name])
+
+def test_stacked_batch_norm_calls_equal_separate_calls_in_order(norm_inputs, x64):
+  """The decoder's passes run stacked: each normalised over its own rows, running statistics moved in order."""
+  v, x, mask = norm_inputs
+  masks = np.stack([np.ones(len(x)), mask, np.zeros(len(x)), 1.0 - mask])
+  y, stats = run_norm(v, np.stack([x, x + 1.0, x * 2.0, -x]), masks)
+  expected_v = jax.tree.map(np.copy, v)
+  for p, (xp, mp) in enumerate(zip([x, x + 1.0, x * 2.0, -x], masks)):
+    yp, expected_v["batch_stats"] = run_norm(expected_v, xp, mp)
+    np.testing.assert_allclose(y[p], yp, rtol=1e-12, atol=1e-12)
+  for name in ("mean", "var"):
+    np.testing.assert_allclose(stats[name], expected_v["batch_stats"][name], rtol=1e-12)
+  assert not np.allclose(stats["mean"], run_norm(v, x, mask)[1]["mean"])
+
 
 
 # ---------------------------------------------------------------- hand-computed values
