@@ -12,7 +12,7 @@ import sys
 import jax
 import pytest
 
-from clue_jax import config as config_lib, config_files, grid, sweep
+from clue_jax import config as config_lib, config_files, grid, sweep, sweep_report
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 SMOKE = ROOT / "configs" / "smoke.py"
@@ -132,6 +132,44 @@ def test_ablation_grids_cover_every_setting_with_three_seeds(spec):
   assert {"loss.lam_align", "loss.lam_cos", "loss.lam_joint_cross", "loss.lam_real_cross", "loss.lam_kl"} < removed
   no_batch = [p.config for p in points if all(m.batch_key == "" for m in p.config.data.modalities.values())]
   assert len(no_batch) == 3 and not any(c.model.shared_batches for c in no_batch)
+
+
+# ---------------------------------------------------------------------------------------------------- report
+def fake_run(run_dir: pathlib.Path, foscttm: float, val_gen: float):
+  """The files a finished run leaves: summary.json and metrics.jsonl (its restored epoch 2 is not the last)."""
+  run_dir.mkdir(parents=True)
+  (run_dir / "summary.json").write_text(json.dumps(
+      {"epochs_run": 3, "restored_epoch": 2, "early_stopped": True, "heldout_foscttm": foscttm}))
+  (run_dir / "metrics.jsonl").write_text("".join(
+      json.dumps({"epoch": e, "train/loss_gen": 10.0 + e, "val/loss_gen": val_gen if e == 2 else -1.0, "lr": 1e-3})
+      + "\n" for e in (1, 2, 3)))
+
+
+def test_report_averages_seeds_per_setting_and_lists_every_point(tmp_path):
+  fake_run(tmp_path / "a--seed-0", 0.1, 5.0)
+  fake_run(tmp_path / "a--seed-1", 0.3, 7.0)
+  (tmp_path / "a--seed-1" / "eval.json").write_text(json.dumps({"knn": {"accuracy": 0.9}, "n": True}))
+  results = [
+      sweep_report.Result("a--seed-0", "a", {"seed": 0}, "done", "trained", 12.0),
+      sweep_report.Result("a--seed-1", "a", {"seed": 1}, "done", "skipped"),
+      sweep_report.Result("a--seed-2", "a", {"seed": 2}, "failed", "trained", 3.0, "train.lr=-1 is | not allowed"),
+      sweep_report.Result("b--seed-0", "b", {"seed": 0}),
+  ]
+  sweep_report.write(tmp_path, "grid.py", results)
+  rows = read_csv(tmp_path / "summary.csv")
+  assert list(rows) == ["a--seed-0", "a--seed-1", "a--seed-2", "b--seed-0"]
+  assert (rows["a--seed-0"]["val/loss_gen"], rows["a--seed-0"]["train/loss_gen"]) == ("5.0", "12.0")
+  assert rows["a--seed-0"]["restored_epoch"] == "2" and "lr" not in rows["a--seed-0"]
+  assert (rows["a--seed-1"]["eval/knn/accuracy"], rows["a--seed-0"]["eval/knn/accuracy"]) == ("0.9", "")
+  assert "eval/n" not in rows["a--seed-1"], "booleans are not metrics"
+  assert [rows[n]["status"] for n in rows] == ["done", "done", "failed", "pending"]
+  markdown = (tmp_path / "summary.md").read_text()
+  assert "4 points: 2 done, 1 failed, 1 pending" in markdown
+  # mean ± sample sd over the finished seeds: FOSCTTM 0.2 ± 0.14, train loss 12 ± 0, validation loss 6 ± 1.4.
+  assert "| a | 2/3 | 0.2 ± 0.14 | 12 ± 0 | 6 ± 1.4 | 0.9 |" in markdown
+  assert "| b | 0/1 |  |  |  |  |" in markdown
+  assert "| a--seed-2 | failed (trained) |  |  |  |  |  | train.lr=-1 is \\| not allowed |" in markdown
+  assert not list(tmp_path.glob("*.tmp")) and not list(tmp_path.glob(".*.tmp"))
 
 
 # ---------------------------------------------------------------------------------------------- end to end
