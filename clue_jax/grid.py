@@ -90,6 +90,8 @@ def setting_names(points: list[dict]) -> list[str]:
 
 
 def short_keys(keys) -> dict[str, str]:
+  """Each key's shortest dotted suffix that no other key ends with: `data.modalities.rna.batch_key` ->
+  `rna.batch_key` next to `data.modalities.adt.batch_key`, `batch_key` alone."""
   keys = list(dict.fromkeys(keys))
   short = {}
   for key in keys:
