@@ -29,7 +29,42 @@ def nb_normaliser(x, theta, lgamma_theta=None):
 
   `lgamma_theta` may pass lgamma(theta) when it is cheaper to compute elsewhere (per batch and feature).
   """
-  return gammaln(x + theta) - (gammaln(theta) if lgamma_theta is None else lgamma_theta)
+  return lgamma_positive(x + theta) - (gammaln(theta) if lgamma_theta is None else lgamma_theta)
+
+
+_SHIFT = 6.0  # Recurrence steps before the asymptotic series (its error is below 1e-9 from 6 on).
+
+
+@jax.custom_jvp
+def lgamma_positive(z):
+  """lgamma(z) for z > 0: Stirling's series at z + 6 minus log(z (z + 1) ... (z + 5)).
+
+  A few logarithms per element where XLA:CPU's general lgamma (and its derivative, digamma) cost ~30x more.
+  """
+  w = z + _SHIFT
+  series = (w - 0.5) * jnp.log(w) - w + _HALF_LOG_2PI + _stirling_tail(1.0 / w)
+  # Two products of three factors: no overflow in float32 below z ~ 1e12.
+  return series - jnp.log(z * (z + 1.0) * (z + 2.0)) - jnp.log((z + 3.0) * (z + 4.0) * (z + 5.0))
+
+
+def _stirling_tail(inv):
+  inv2 = inv * inv
+  return inv * (1.0 / 12.0 - inv2 * (1.0 / 360.0 - inv2 / 1260.0))
+
+
+def digamma_positive(z):
+  """digamma(z) for z > 0, by the same shift and the asymptotic series of digamma."""
+  w = z + _SHIFT
+  inv = 1.0 / w
+  inv2 = inv * inv
+  series = jnp.log(w) - 0.5 * inv - inv2 * (1.0 / 12.0 - inv2 * (1.0 / 120.0 - inv2 / 252.0))
+  return series - sum(1.0 / (z + k) for k in range(int(_SHIFT)))
+
+
+@lgamma_positive.defjvp
+def _lgamma_positive_jvp(primals, tangents):
+  (z,), (dz,) = primals, tangents
+  return lgamma_positive(z), digamma_positive(z) * dz
 
 
 def nb_mean_part(x, mean, theta):

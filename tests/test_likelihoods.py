@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from scipy import stats
-from scipy.special import expit, gammaln
+from scipy.special import digamma, expit, gammaln
 
 from clue_jax import likelihoods, losses
 
@@ -170,3 +170,12 @@ def test_nb_log_factorial_hoisted_out_of_the_step_gives_the_same_nll():
   direct = losses.reconstruction_nll("NB", x, params, rows)
   hoisted = losses.reconstruction_nll("NB", x, params, rows, log_factorial)
   np.testing.assert_allclose(hoisted, direct, rtol=1e-6)
+
+
+def test_lgamma_positive_and_its_derivative_match_scipy():
+  z = np.concatenate([np.geomspace(1e-6, 1e7, 500), np.arange(0.25, 40.0, 0.25)])
+  with jax.enable_x64(True):
+    got = np.asarray(likelihoods.lgamma_positive(jnp.asarray(z)))
+    slope = np.asarray(jax.vmap(jax.grad(likelihoods.lgamma_positive))(jnp.asarray(z)))
+  np.testing.assert_allclose(got, gammaln(z), rtol=1e-8, atol=1e-7)
+  np.testing.assert_allclose(slope, digamma(z), rtol=1e-8, atol=1e-8)
