@@ -65,6 +65,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.dropout = 0.2
   config.model.shared_batches = False  # Condition the discriminator on the batch one-hot.
   config.model.normalize_u = True  # L2-normalise the sampled embeddings (method.md §2).
+  # Ablation: one latent shared by all modalities instead of modality-specific subspaces (same total width).
+  config.model.shared_latent = False
 
   config.loss = ml_collections.ConfigDict()
   config.loss.lam_data = 1.0

@@ -150,9 +150,13 @@ class SubspaceEncoder(nn.Module):
 
 
 class ModalityEncoder(nn.Module):
-  """A modality's row of the encoder matrix: K subspace MLPs (vmapped) plus the NB library-size head."""
+  """A modality's row of the encoder matrix: K subspace MLPs (vmapped) plus the NB library-size head.
+
+  The library head gives one size per modality (the size this cell would have in each modality's decoder).
+  """
 
   spec: ModalitySpec
+  n_modalities: int
   n_subspaces: int
   latent_dim: int
   depth: int
@@ -178,7 +182,7 @@ class ModalityEncoder(nn.Module):
     loc, std = loc.reshape(batch, -1), std.reshape(batch, -1)
     library = None
     if self.spec.likelihood == "NB" and (with_library or self.is_initializing()):
-      library = nn.relu(Linear(self.n_subspaces, name="library")(counts))
+      library = nn.relu(Linear(self.n_modalities, name="library")(counts))
     return loc, std, library
 
 
@@ -273,11 +277,15 @@ class CLUE(nn.Module):
   dropout: float = 0.2
   shared_batches: bool = False
   n_labels: int = 0  # > 0 adds the linear cell-type classifier.
+  # Ablation: one shared latent of K * latent_dim dimensions, encoded by one MLP per modality and read whole by
+  # every decoder, instead of the K modality-specific subspaces.
+  shared_latent: bool = False
 
   def setup(self):
     k = len(self.specs)
-    self.encoders = {s.name: ModalityEncoder(s, k, self.latent_dim, self.encoder_depth, self.encoder_width,
-                                             self.dropout) for s in self.specs}
+    n_subspaces, subspace_dim = (1, k * self.latent_dim) if self.shared_latent else (k, self.latent_dim)
+    self.encoders = {s.name: ModalityEncoder(s, k, n_subspaces, subspace_dim, self.encoder_depth,
+                                             self.encoder_width, self.dropout) for s in self.specs}
     self.decoders = {s.name: ModalityDecoder(s, self.decoder_depth, self.decoder_width, self.dropout)
                      for s in self.specs}
     self.discriminator = Discriminator(k, self.discriminator_depth, self.discriminator_width, self.dropout)
@@ -303,9 +311,11 @@ class CLUE(nn.Module):
     return self.classifier(v)
 
   def subspace(self, u, name):
-    """The slice of a full embedding that belongs to modality `name`."""
+    """The slice of a full embedding that belongs to modality `name` (all of it with a shared latent)."""
+    if self.shared_latent:
+      return u
     j = self.names.index(name)
-    return u[:, j * self.latent_dim:(j + 1) * self.latent_dim]
+    return u[..., j * self.latent_dim:(j + 1) * self.latent_dim]
 
   def __call__(self, inputs):
     """Touches every submodule once (used only to initialise variables)."""

@@ -41,7 +41,7 @@ def model_from(config, dataset: data.Dataset) -> CLUE:
   return CLUE(tuple(specs), latent_dim=mc.latent_dim, encoder_depth=mc.encoder_depth,
               encoder_width=mc.encoder_width, decoder_depth=mc.decoder_depth, decoder_width=mc.decoder_width,
               discriminator_depth=mc.discriminator_depth, discriminator_width=mc.discriminator_width,
-              dropout=mc.dropout, shared_batches=mc.shared_batches,
+              dropout=mc.dropout, shared_batches=mc.shared_batches, shared_latent=mc.shared_latent,
               n_labels=len(dataset.label_categories) if has_labels else 0)
 
 

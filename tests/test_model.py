@@ -88,3 +88,15 @@ def test_any_number_of_modalities_under_any_names():
                                 method=CLUE.encode)
   assert loc.shape == (3, 12) and library is None
   assert variables["params"]["discriminator"]["Linear_2"]["kernel"].shape[-1] == 3
+
+
+def test_shared_latent_ablation_has_one_subspace_read_whole_by_every_decoder():
+  specs = (ModalitySpec("rna", 10, 30, 2, "NB", False), ModalitySpec("adt", 10, 5, 2, "NB", False))
+  model = CLUE(specs, latent_dim=4, encoder_width=8, decoder_width=8, discriminator_width=8, shared_latent=True)
+  variables = init(model, specs)
+  encoder = variables["params"]["encoders_rna"]
+  assert encoder["subspaces"]["loc"]["kernel"].shape == (1, 8, 8)  # One subspace of K * latent_dim.
+  assert encoder["library"]["kernel"].shape == (30, 2)  # Still one library size per modality.
+  assert variables["params"]["decoders_adt"]["HiddenBlock_0"]["Linear_0"]["kernel"].shape[0] == 8 + 2
+  u = jnp.arange(6.0 * 8).reshape(6, 8)
+  assert model.bind(variables).subspace(u, "adt") is u
