@@ -1,4 +1,4 @@
-"""The ablation grid of configs/ablations/: the full model and one loss term or covariate removed at a time."""
+"""The ablation grid of configs/ablations/: the full model, and one part of it removed at a time."""
 
 import ml_collections
 
@@ -8,7 +8,8 @@ SEEDS = (0, 1, 2)
 
 
 def settings(config: ml_collections.ConfigDict) -> list[dict]:
-  """Full; no adversarial alignment; no cosine alignment; no joint-cross; no real-cross; no KL; no batch covariate."""
+  """Full; no adversarial alignment; no cosine alignment; no joint-cross; no real-cross; no KL; no batch covariate;
+  no modality-specific subspaces (one latent shared by all modalities)."""
   no_batch = {f"data.modalities.{name}.batch_key": "" for name in config.data.modalities}
   return [
       {},
@@ -18,6 +19,7 @@ def settings(config: ml_collections.ConfigDict) -> list[dict]:
       {"loss.lam_real_cross": 0.0},
       {"loss.lam_kl": 0.0},
       no_batch | {"model.shared_batches": False},
+      {"model.shared_latent": True},
   ]
 
 

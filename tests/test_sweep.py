@@ -126,10 +126,11 @@ def test_ablation_grids_cover_every_setting_with_three_seeds(spec):
   for point in points:
     settings.setdefault(point.setting, []).append(point.overrides["seed"])
     assert point.config.data.heldout_pairs > 0, "the ablations are compared on held-out FOSCTTM"
-  assert len(settings) == 7 and all(sorted(seeds) == [0, 1, 2] for seeds in settings.values())
+  assert len(settings) == 8 and all(sorted(seeds) == [0, 1, 2] for seeds in settings.values())
   assert len({p.name for p in points}) == len(points)
   removed = {next(iter(grid.setting(p.overrides)), "") for p in points}
-  assert {"loss.lam_align", "loss.lam_cos", "loss.lam_joint_cross", "loss.lam_real_cross", "loss.lam_kl"} < removed
+  assert {"loss.lam_align", "loss.lam_cos", "loss.lam_joint_cross", "loss.lam_real_cross", "loss.lam_kl",
+          "model.shared_latent"} < removed
   no_batch = [p.config for p in points if all(m.batch_key == "" for m in p.config.data.modalities.values())]
   assert len(no_batch) == 3 and not any(c.model.shared_batches for c in no_batch)
 

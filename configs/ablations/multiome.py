@@ -1,5 +1,5 @@
 """Ablations on the BMMC Multiome starter: configs/multiome.py with 20 % of the pairs hidden (held-out FOSCTTM) and
-at most 100 epochs, for 7 settings x 3 seeds (clue_jax/ablations.py).
+at most 100 epochs, for 8 settings x 3 seeds (clue_jax/ablations.py).
 
   python -m clue_jax.sweep --config=configs/ablations/multiome.py --workdir=runs/ablations_multiome
 """

@@ -1,5 +1,5 @@
 """Ablations on the partially paired PBMC data: configs/pbmc.py (10 % of the pairs hidden, 100 epochs) for
-7 settings x 3 seeds (clue_jax/ablations.py). `configs/ablations/pbmc.py:competition` uses the competition sizes.
+8 settings x 3 seeds (clue_jax/ablations.py). `configs/ablations/pbmc.py:competition` uses the competition sizes.
 
   python -m clue_jax.sweep --config=configs/ablations/pbmc.py --workdir=runs/ablations_pbmc
 """
