@@ -1,0 +1,333 @@
+"""Notebook API on a finished run: embed, translate and match AnnData / MuData with a trained model.
+
+    run = clue_jax.api.load("runs/cite")
+    emb = run.encode(rna, "rna")                    # AnnData: obs of `rna`, obsm["X_clue"]
+    adt_hat = run.predict(rna, "rna", "adt")        # AnnData: obs of `rna`, var = the run's ADT features
+    matches = run.match(rna, "rna", adt, "adt")     # official-format pairing matrix + best partner per cell
+
+Inputs are AnnData, or MuData (anything with `.mod`) holding the modality under its name or its configured
+`mod_key`. They go through exactly the run's preprocessing: features aligned by name to the training features
+(missing ones are an error naming them), the saved PCA / LSI re-applied, or the configured obsm key read. Nothing is
+written into the inputs unless `inplace=True` says so. The math lives in `matching.py` and `prediction.py`; this
+module holds the run's state, its preprocessing and the devices.
+"""
+
+import dataclasses
+import json
+import math
+import pathlib
+from typing import NamedTuple
+
+import anndata as ad
+import jax
+import ml_collections
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+from clue_jax import checkpoint, data, matching, parallel, prediction, steps, trainer
+from clue_jax.model import CLUE, ModalitySpec
+
+CHUNK = trainer.ENCODE_CHUNK  # Rows per device call, padded (as the trainer encodes, so results agree bitwise).
+
+
+class RunError(ValueError):
+  """A run directory that cannot be used, or an argument that does not fit the run; the message says the fix."""
+
+
+class Matching(NamedTuple):
+  """`matrix`: cells of a (rows) x cells of b (columns), rows summing to 1 (the competition's format);
+  `partner`: for each cell of a (index), the obs_name of its most likely partner in b."""
+
+  matrix: sp.csr_matrix
+  partner: pd.Series
+
+
+def load(workdir) -> "Run":
+  """The final model of the finished run in `workdir` (the checkpoint its summary.json names) and its
+  preprocessing, on all local devices."""
+  workdir = pathlib.Path(workdir)
+  for name in ("summary.json", "config.json"):
+    if not (workdir / name).is_file():
+      raise RunError(f"{workdir}: no finished run there (no {name}); point load() at the --workdir of a run that "
+                     f"completed, or finish it with `python -m clue_jax.train --config=... --workdir={workdir}`")
+  config = ml_collections.ConfigDict(json.loads((workdir / "config.json").read_text()))
+  ckpts, epoch, from_best, saved = trainer.finished_run(workdir, config)
+  try:
+    manager = ckpts.best if from_best else ckpts.latest
+    dims = encoder_input_dims(manager.item_metadata(epoch)["state"], saved["features"], config.model.encoder_depth)
+    model = saved_model(config, saved, dims)
+    mesh = parallel.make_mesh()
+    example = example_batch(model)
+    shapes = jax.eval_shape(lambda: steps.init_state(model, jax.random.key(0), example))
+    state = ckpts.restore_state(epoch, checkpoint.abstract(shapes, parallel.replicated(mesh)), from_best)
+  finally:
+    ckpts.close()
+  return Run(workdir, config, saved, model, state, mesh, epoch)
+
+
+def encoder_input_dims(state_metadata, features: dict, encoder_depth: int) -> dict:
+  """Each modality's encoder input width, read from the shape of its first layer in the checkpoint."""
+  first = ("HiddenBlock_0", "Linear_0") if encoder_depth else ("loc",)
+  dims = {}
+  for name in features:
+    node = state_metadata["params"][f"encoders_{name}"]["subspaces"]
+    for key in first:
+      node = node[key]
+    dims[name] = int(node["kernel"].shape[-2])
+  return dims
+
+
+def saved_model(config, saved: dict, input_dims: dict) -> CLUE:
+  """The CLUE module of a saved run, as `trainer.model_from` builds it from the training data (every `model.*`
+  key that is a CLUE field is passed on)."""
+  specs = []
+  for name, features in saved["features"].items():
+    spec = config.data.modalities[name]
+    specs.append(ModalitySpec(name, input_dims[name], len(features), len(saved["batch_categories"][name]),
+                              spec.likelihood, normalize_input=spec.rep == "none" and spec.likelihood == "NB"))
+  has_labels = any(config.data.modalities[n].label_key for n in saved["features"])
+  fields = {f.name for f in dataclasses.fields(CLUE)}
+  options = {k: v for k, v in config.model.items() if k in fields}
+  return CLUE(tuple(specs), n_labels=len(saved["label_categories"]) if has_labels else 0, **options)
+
+
+def example_batch(model: CLUE) -> dict:
+  """One row of zeros per modality, enough to build the variables' shapes."""
+  batch = {}
+  for s in model.specs:
+    batch[s.name] = {"counts": np.zeros((1, s.n_features), np.float32), "batch": np.zeros(1, np.int32)}
+    if not s.normalize_input:
+      batch[s.name]["rep"] = np.zeros((1, s.input_dim), np.float32)
+  return batch
+
+
+class Run:
+  """A trained model with its preprocessing; see the module docstring."""
+
+  def __init__(self, workdir, config, saved: dict, model: CLUE, state, mesh, epoch: int):
+    self.workdir, self.config, self.saved, self.model, self.state = workdir, config, saved, model, state
+    self.mesh, self.epoch = mesh, epoch
+    self.specs = {s.name: s for s in model.specs}
+    self._compiled = {}
+    self._median_library = {}
+
+  def __repr__(self):
+    return f"Run({str(self.workdir)!r}, epoch {self.epoch}, modalities {list(self.modalities)})"
+
+  @property
+  def modalities(self) -> tuple:
+    return self.model.names
+
+  def features(self, modality: str) -> pd.Index:
+    """The modality's decoder features, in the model's order."""
+    return pd.Index(self.saved["features"][self.check_modality(modality)])
+
+  def batch_categories(self, modality: str) -> tuple:
+    return tuple(self.saved["batch_categories"][self.check_modality(modality)])
+
+  # ---------------------------------------------------------------------------------------------------- encode
+  def encode(self, adata, modality: str, key_added: str = "X_clue", inplace: bool = False):
+    """Posterior means over all K x latent_dim dimensions of `modality`'s cells.
+
+    Returns a new AnnData (obs copied, the embedding in obsm[key_added]); with `inplace=True` it writes
+    obsm[key_added] of the given AnnData (of the modality's AnnData in a MuData) and returns None.
+    """
+    cells = self.modality_data(adata, modality)
+    embedding = self.embed(cells, modality)
+    if inplace:
+      cells.obsm[key_added] = embedding
+      return None
+    out = ad.AnnData(obs=cells.obs.copy())
+    out.obsm[key_added] = embedding
+    return out
+
+  def embed(self, cells: ad.AnnData, modality: str) -> np.ndarray:
+    rep, counts = self.encoder_inputs(cells, modality, with_library=False)
+    fn = self.compiled(("encode", modality), lambda: steps.make_encode(self.model, modality))
+    return self.in_chunks(fn, rep, counts)
+
+  # --------------------------------------------------------------------------------------------------- predict
+  def predict(self, adata, source: str, target: str, batch: str | None = None, normalized=False,
+              library_size=None) -> ad.AnnData:
+    """The target modality's expected values for the source cells in `adata`.
+
+    Returns a new AnnData: obs copied from the source cells, var = the target's training features, X = the mean of
+    the target decoder's distribution (NB: expected counts at the library size; Bernoulli: probabilities; ZIN /
+    ZILN: zero inflation included).
+
+    batch: the target batch every cell is decoded with; None = each cell's own (obs column of the target's
+    `batch_key`), which the target must know.
+    normalized: False (the likelihood's scale), "clr" (Seurat's CLR of the expected counts, the competition's ADT
+    scale) or "log1p" / True (log1p of the expected counts rescaled to the target's median training total, a
+    log-normalised scale like the competition's GEX); NB targets only.
+    library_size: NB targets: a number or one per cell; default: the source encoder's estimate when the source is
+    NB, else the target's median total counts over its training cells.
+    """
+    source, target = self.check_modality(source), self.check_modality(target)
+    if source == target:
+      raise RunError(f"source and target are both {source!r}; predict() translates between two modalities")
+    scale = self.check_scale(normalized, target)
+    cells = self.modality_data(adata, source)
+    batch_index = self.target_batches(cells, target, batch)
+    nb_target = self.specs[target].likelihood == "NB"
+    from_source = nb_target and library_size is None and self.specs[source].likelihood == "NB"
+    if nb_target and library_size is None and not from_source:
+      library_size = self.median_library(target)
+    library = self.library_sizes(library_size, cells.n_obs, target)
+    rep, counts = self.encoder_inputs(cells, source, with_library=from_source)
+    fn = self.compiled(("predict", source, target, from_source), lambda: prediction.make_predict(
+        self.model, source, target, self.config.model.normalize_u, from_source))
+    values = self.in_chunks(fn, rep, counts, batch_index, library)
+    total = self.median_library(target) if scale == "log1p" else None
+    out = ad.AnnData(X=prediction.on_scale(values, scale, total), obs=cells.obs.copy(),
+                     var=pd.DataFrame(index=self.features(target)))
+    out.uns["clue_prediction"] = {"source": source, "target": target, "scale": scale}
+    return out
+
+  def check_scale(self, normalized, target: str) -> str:
+    scale = {False: "counts", None: "counts", True: "log1p"}.get(normalized, normalized)
+    if scale not in prediction.SCALES:
+      raise RunError(f"normalized={normalized!r}: use False, 'log1p' (or True) or 'clr'")
+    likelihood = self.specs[target].likelihood
+    if scale != "counts" and likelihood != "NB":
+      raise RunError(f"normalized={normalized!r} transforms predicted counts, but {target!r} uses likelihood "
+                     f"{likelihood}: its predictions are already on its training data's scale; use normalized=False")
+    return scale
+
+  def target_batches(self, cells: ad.AnnData, target: str, batch) -> np.ndarray:
+    """The target batch index of every cell (see `predict`)."""
+    categories = self.batch_categories(target)
+    key = self.config.data.modalities[target].batch_key
+    if batch is not None:
+      if str(batch) not in categories:
+        raise RunError(f"batch={batch!r} is not a batch of {target!r}; known: {list(categories)}")
+      return np.full(cells.n_obs, categories.index(str(batch)), np.int32)
+    if not key:
+      return np.zeros(cells.n_obs, np.int32)
+    if key not in cells.obs:
+      raise RunError(f"obs has no column {key!r} (the batch key of {target!r}) to decode each cell with its own "
+                     f"batch; add it, or pass batch=<one of {list(categories)}>")
+    codes, _ = data.obs_codes(cells, key, "the source cells", f"data.modalities.{target}.batch_key", categories)
+    if (codes < 0).any():
+      unknown = sorted({str(v) for v in cells.obs[key][codes < 0]})
+      raise RunError(f"{int((codes < 0).sum())} cells have a batch that {target!r} was not trained with "
+                     f"({unknown[:5]}); known: {list(categories)}. Pass batch=<one of them> to decode every cell "
+                     f"with that batch")
+    return codes
+
+  def library_sizes(self, library_size, n: int, target: str) -> np.ndarray:
+    """Per-cell library sizes for an NB target (ones, unused, for other targets or the source's estimate)."""
+    if library_size is None:
+      return np.ones(n, np.float32)
+    if self.specs[target].likelihood != "NB":
+      raise RunError(f"library_size applies to NB targets; {target!r} uses {self.specs[target].likelihood}")
+    sizes = np.asarray(library_size, np.float32)
+    sizes = np.full(n, sizes, np.float32) if sizes.ndim == 0 else sizes
+    if sizes.shape != (n,) or not (np.isfinite(sizes) & (sizes > 0)).all():
+      raise RunError(f"library_size must be a positive number or one positive number per cell ({n}); got shape "
+                     f"{sizes.shape}")
+    return sizes
+
+  def median_library(self, target: str) -> float:
+    """Median total counts of the target's features over the cells of its training file (read once)."""
+    if target not in self._median_library:
+      spec = self.config.data.modalities[target]
+      trained = {"features": self.saved["features"][target], "rep_features": None}
+      try:
+        raw = data.read_modality(target, spec, self.config.data.count_check, trained)
+      except data.DataError as e:
+        raise RunError(f"the library size of {target!r} defaults to its median over the training cells, but the "
+                       f"training file cannot be read ({e}); pass library_size=<a number>") from e
+      counts = data.decoder_counts(raw, target)
+      self._median_library[target] = float(np.median(np.asarray(counts.sum(axis=1)).ravel()))
+    return self._median_library[target]
+
+  # ----------------------------------------------------------------------------------------------------- match
+  def match(self, adata_a, modality_a: str, adata_b, modality_b: str, method: str = "snn", k: int = 1,
+            batch_key: str | None = None, epsilon: float = 0.05, n_iter: int = 200,
+            top_k: int = matching.MAX_NONZEROS_PER_ROW) -> Matching:
+    """Matches the cells of `adata_a` to those of `adata_b` in the shared embedding (within the batches of the
+    obs column `batch_key` when given): "snn" (shared nearest neighbours, `k`) or "sinkhorn" (entropic optimal
+    transport, `epsilon`, `n_iter`, `top_k` weights kept per row)."""
+    if method not in ("snn", "sinkhorn"):
+      raise RunError(f"method={method!r}: use 'snn' or 'sinkhorn'")
+    a, b = self.modality_data(adata_a, modality_a), self.modality_data(adata_b, modality_b)
+    batches = [None, None]
+    if batch_key is not None:
+      for i, (cells, name) in enumerate(((a, modality_a), (b, modality_b))):
+        if batch_key not in cells.obs:
+          raise RunError(f"the {name!r} cells have no obs column {batch_key!r} (batch_key); available: "
+                         f"{list(cells.obs.columns)}")
+        batches[i] = cells.obs[batch_key].to_numpy()
+    x, y = self.embed(a, modality_a), self.embed(b, modality_b)
+    if method == "snn":
+      matrix = matching.snn_matching(x, y, k, *batches)
+    else:
+      matrix = matching.sinkhorn_matching(x, y, epsilon, n_iter, *batches, top_k=top_k)
+    partner = pd.Series(np.asarray(b.obs_names)[matching.best_partners(matrix)], index=a.obs_names, name="partner")
+    return Matching(matrix, partner)
+
+  # ------------------------------------------------------------------------------------------------ plumbing
+  def check_modality(self, modality: str) -> str:
+    if modality not in self.specs:
+      raise RunError(f"unknown modality {modality!r}; this run has {list(self.modalities)}")
+    return modality
+
+  def modality_data(self, adata, modality: str) -> ad.AnnData:
+    """The AnnData of `modality`: `adata` itself, or its `.mod` entry for a MuData."""
+    self.check_modality(modality)
+    if hasattr(adata, "mod"):
+      key = self.config.data.modalities[modality].mod_key or modality
+      if key not in adata.mod:
+        raise RunError(f"the MuData has no modality {key!r} (it has {list(adata.mod)})")
+      adata = adata.mod[key]
+    if not isinstance(adata, ad.AnnData):
+      raise RunError(f"expected an AnnData or MuData for {modality!r}, got {type(adata).__name__}")
+    return adata
+
+  def encoder_inputs(self, cells: ad.AnnData, modality: str, with_library: bool):
+    """(representation or None, counts CSR) of the cells as the modality's encoder takes them.
+
+    The counts layer is read only when the encoder needs it (no representation, LSI, or the library head).
+    """
+    spec = self.config.data.modalities[modality]
+    where = f"the {modality!r} cells"
+    needs_counts = spec.rep in ("none", "lsi") or with_library
+    layer = None
+    if needs_counts:
+      field = f"data.modalities.{modality}.layer"
+      layer = data.as_csr(data.layer_matrix(cells, spec.layer, where, field))
+      data.check_counts(layer, spec.likelihood, where, f"{field}={spec.layer!r}", self.config.data.count_check)
+    features = self.saved["features"][modality]
+    rep_features = self.saved["rep_features"].get(modality)
+    raw = data.RawModality(cells, spec, where, layer, np.asarray(features), rep_features)
+    rep = data.apply_representation(raw, modality, self.saved["preprocess"][modality])
+    expected = self.specs[modality].input_dim
+    if rep is not None and rep.shape[1] != expected:
+      raise RunError(f"{where}: the encoder input has {rep.shape[1]} columns, the model was trained on {expected} "
+                     f"(obsm[{spec.rep_key!r}]); give the same representation as in training")
+    counts = (data.decoder_counts(raw, modality) if needs_counts
+              else sp.csr_matrix((cells.n_obs, len(features)), dtype=np.float32))
+    return rep, counts
+
+  def compiled(self, key, make):
+    if key not in self._compiled:
+      self._compiled[key] = jax.jit(make())
+    return self._compiled[key]
+
+  def in_chunks(self, fn, rep, counts: sp.csr_matrix, *per_cell) -> np.ndarray:
+    """fn(state, rep, counts, *per_cell) over padded chunks of rows sharded over the devices, concatenated."""
+    sharding = parallel.batch_sharding(self.mesh)
+    n_dev = self.mesh.devices.size
+    chunk = math.ceil(CHUNK / n_dev) * n_dev
+    n = counts.shape[0]
+    out = []
+    for start in range(0, n, chunk):
+      rows = np.arange(start, min(start + chunk, n))
+      padded = np.concatenate([rows, np.full(chunk - len(rows), rows[0])])
+      args = (None if rep is None else rep[padded], counts[padded].toarray(), *(a[padded] for a in per_cell))
+      out.append(np.asarray(fn(self.state, *parallel.put(args, sharding)))[:len(rows)])
+    if not out:
+      raise RunError("no cells given")
+    return np.concatenate(out)

@@ -1,0 +1,164 @@
+"""The notebook API on a smoke run trained once for this module (4 fake devices), and the prediction math."""
+
+import importlib.util
+import pathlib
+import re
+import types
+
+import anndata as ad
+import numpy as np
+import pytest
+from scipy import stats
+
+from clue_jax import api, data, metrics, preprocess, prediction, trainer
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+STARTER = ROOT / "clue_jax" / "datasets" / "bmmc_cite_starter"
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+  spec = importlib.util.spec_from_file_location("config_smoke", ROOT / "configs" / "smoke.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config()
+  config.train.progress = False
+  path = tmp_path_factory.mktemp("smoke")
+  trainer.train_and_evaluate(config, path)
+  return path
+
+
+@pytest.fixture(scope="module")
+def run(workdir):
+  return api.load(workdir)
+
+
+@pytest.fixture(scope="module")
+def cells():
+  return {"rna": ad.read_h5ad(STARTER / "rna.h5ad"), "adt": ad.read_h5ad(STARTER / "adt.h5ad")}
+
+
+def test_load_needs_a_finished_run(tmp_path):
+  with pytest.raises(api.RunError, match="no finished run there"):
+    api.load(tmp_path)
+
+
+@pytest.mark.parametrize("modality", ["rna", "adt"])
+def test_encode_reproduces_the_runs_embeddings(run, workdir, cells, modality):
+  saved = ad.read_h5ad(workdir / "embeddings" / f"{modality}.h5ad")
+  encoded = run.encode(cells[modality], modality)
+  assert list(encoded.obs_names) == list(cells[modality].obs_names)
+  np.testing.assert_allclose(encoded.obsm["X_clue"], saved[encoded.obs_names].obsm["X_clue"], atol=1e-6)
+  assert "X_clue" not in cells[modality].obsm  # No in-place surprise.
+
+
+def test_encode_aligns_features_by_name_and_writes_in_place_when_asked(run, cells):
+  rna = cells["rna"]
+  expected = run.encode(rna, "rna").obsm["X_clue"]
+  shuffled = rna[:, np.random.default_rng(0).permutation(rna.n_vars)].copy()
+  assert run.encode(shuffled, "rna", key_added="emb", inplace=True) is None
+  np.testing.assert_allclose(shuffled.obsm["emb"], expected, atol=1e-5)
+
+
+def test_encode_takes_the_modality_out_of_a_mudata(run, cells):
+  mudata = types.SimpleNamespace(mod=dict(cells))  # What the API uses of a MuData: `.mod`.
+  np.testing.assert_array_equal(run.encode(mudata, "adt").obsm["X_clue"], run.encode(cells["adt"], "adt").obsm["X_clue"])
+  with pytest.raises(api.RunError, match=r"no modality 'rna' \(it has \['adt'\]\)"):
+    run.encode(types.SimpleNamespace(mod={"adt": cells["adt"]}), "rna")
+
+
+def test_missing_training_features_are_an_error_naming_them(run, cells):
+  rna = cells["rna"]
+  dropped = list(rna.var_names[:3])  # The PCA was fitted on all genes.
+  with pytest.raises(data.DataError, match=f"3 of the 1000 features.*{re.escape(dropped[0])}"):
+    run.encode(rna[:, 3:].copy(), "rna")
+
+
+def test_unknown_modality_is_an_error(run, cells):
+  with pytest.raises(api.RunError, match=r"unknown modality 'atac'; this run has \['rna', 'adt'\]"):
+    run.encode(cells["rna"], "atac")
+
+
+def test_predict_nb_target_gives_nonnegative_counts_in_the_targets_features(run, cells):
+  rna = cells["rna"]
+  predicted = run.predict(rna, "rna", "adt")
+  assert predicted.shape == (rna.n_obs, 134)
+  assert list(predicted.var_names) == list(run.features("adt"))
+  assert list(predicted.obs_names) == list(rna.obs_names)
+  assert np.isfinite(predicted.X).all() and (predicted.X >= 0).all()
+  assert predicted.uns["clue_prediction"] == {"source": "rna", "target": "adt", "scale": "counts"}
+
+
+def test_predict_nb_mean_is_proportional_to_the_library_size(run, cells):
+  adt = cells["adt"][:50]
+  once = run.predict(adt, "adt", "rna", library_size=100.0).X
+  sizes = np.linspace(50, 500, 50)
+  per_cell = run.predict(adt, "adt", "rna", library_size=sizes).X
+  np.testing.assert_allclose(once.sum(axis=1), 100.0, rtol=1e-4)
+  np.testing.assert_allclose(per_cell, once * (sizes / 100.0)[:, None], rtol=1e-4)
+  log1p = run.predict(adt, "adt", "rna", normalized=True).X
+  np.testing.assert_allclose(np.expm1(log1p).sum(axis=1), run.median_library("rna"), rtol=1e-4)
+
+
+def test_predict_batches(run, cells):
+  rna = cells["rna"][:40]
+  own = run.predict(rna, "rna", "adt").X
+  by_name = {b: run.predict(rna, "rna", "adt", batch=b).X for b in run.batch_categories("adt")}
+  own_batch = rna.obs["batch"].astype(str).to_numpy()
+  for b, values in by_name.items():
+    np.testing.assert_allclose(own[own_batch == b], values[own_batch == b], rtol=1e-5)
+  with pytest.raises(api.RunError, match=r"batch='s9d9' is not a batch of 'adt'; known: \['s1d1', 's1d2'\]"):
+    run.predict(rna, "rna", "adt", batch="s9d9")
+  renamed = rna.copy()
+  renamed.obs["batch"] = "s3d7"
+  with pytest.raises(api.RunError, match=r"40 cells have a batch that 'adt' was not trained with \(\['s3d7'\]\)"):
+    run.predict(renamed, "rna", "adt")
+
+
+def test_predict_argument_errors(run, cells):
+  rna = cells["rna"][:10]
+  with pytest.raises(api.RunError, match=r"one positive number per cell \(10\); got shape \(9,\)"):
+    run.predict(rna, "rna", "adt", library_size=np.ones(9))
+  with pytest.raises(api.RunError, match="normalized='z'"):
+    run.predict(rna, "rna", "adt", normalized="z")
+  with pytest.raises(api.RunError, match="both 'rna'"):
+    run.predict(rna, "rna", "rna")
+
+
+@pytest.mark.parametrize("method", ["snn", "sinkhorn"])
+def test_match_returns_an_official_pairing_matrix_within_batches(run, cells, method):
+  rna, adt = cells["rna"], cells["adt"]
+  result = run.match(rna, "rna", adt, "adt", method=method, batch_key="batch")
+  metrics.check_match_prediction(result.matrix, rna.n_obs)
+  rows, cols = result.matrix.nonzero()
+  assert (rna.obs["batch"].to_numpy()[rows] == adt.obs["batch"].to_numpy()[cols]).all()
+  best = np.asarray(result.matrix.argmax(axis=1)).ravel()
+  assert list(result.partner.index) == list(rna.obs_names)
+  assert list(result.partner) == list(adt.obs_names[best])
+
+
+def test_match_argument_errors(run, cells):
+  with pytest.raises(api.RunError, match="method='knn'"):
+    run.match(cells["rna"], "rna", cells["adt"], "adt", method="knn")
+  with pytest.raises(api.RunError, match="no obs column 'donor'"):
+    run.match(cells["rna"], "rna", cells["adt"], "adt", batch_key="donor")
+
+
+# ------------------------------------------------------------------------------------- prediction math, no run
+def test_distribution_means_match_scipy():
+  loc, scale, zi = np.array([[0.3, -1.0]]), np.array([[0.5, 2.0]]), np.array([[0.0, 1.5]])
+  keep = 1 / (1 + np.exp(zi))  # Weight of the continuous part.
+  zin = prediction.distribution_mean("ZIN", {"loc": loc, "scale": scale, "zi_logits": zi})
+  np.testing.assert_allclose(zin, keep * loc, rtol=1e-6)
+  ziln = prediction.distribution_mean("ZILN", {"loc": loc, "scale": scale, "zi_logits": zi})
+  np.testing.assert_allclose(ziln, keep * stats.lognorm(s=scale, scale=np.exp(loc)).mean(), rtol=1e-5)
+  bernoulli = prediction.distribution_mean("Bernoulli", {"logits": loc})
+  np.testing.assert_allclose(bernoulli, stats.bernoulli(1 / (1 + np.exp(-loc))).mean(), rtol=1e-6)
+
+
+def test_scales():
+  counts = np.array([[1.0, 3.0, 0.0], [0.0, 0.0, 0.0]], np.float32)
+  np.testing.assert_allclose(prediction.on_scale(counts, "log1p", 8.0), np.log1p([[2.0, 6.0, 0.0], [0, 0, 0]]),
+                             rtol=1e-6)
+  np.testing.assert_array_equal(prediction.on_scale(counts, "clr"), preprocess.clr(counts))
+  assert prediction.on_scale(counts, "counts") is counts
