@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from clue_jax import losses
+from clue_jax import device_data, losses
 from clue_jax.model import CLUE
 
 DISCRIMINATOR = "discriminator"
@@ -98,6 +98,23 @@ def make_train_chunk(model: CLUE, weights: losses.Weights, normalize_u: bool):
 
   def chunk(state, batches, key, lr, noise_scale):
     return jax.lax.scan(lambda s, b: step(s, b, key, lr, noise_scale), state, batches)
+
+  return chunk
+
+
+def make_device_train_chunk(model: CLUE, weights: losses.Weights, normalize_u: bool, n_features: dict):
+  """As `make_train_chunk`, with the data on the devices: `chunk(state, arrays, indices, key, lr, noise_scale)`.
+
+  `arrays` are `device_data.host_arrays` put on the devices, `indices` one of `device_data.epoch_chunks` put on
+  the devices; each step gathers its own minibatch.
+  """
+  step = make_train_step(model, weights, normalize_u)
+
+  def chunk(state, arrays, indices, key, lr, noise_scale):
+    def body(s, step_indices):
+      return step(s, device_data.gather(arrays, step_indices, n_features), key, lr, noise_scale)
+
+    return jax.lax.scan(body, state, indices)
 
   return chunk
 
