@@ -91,6 +91,15 @@ def get_config() -> ml_collections.ConfigDict:
   config.train.steps_per_dispatch = 8  # Train steps run in one jitted lax.scan.
   config.train.num_devices = 0  # 0 = all local devices.
   config.train.progress = True  # Progress bar on stderr.
+
+  # Evaluation during and after training (clue_jax.evaluation); none of it changes the training itself.
+  config.evals = ml_collections.ConfigDict()
+  config.evals.every_epochs = 0  # Score the model every this many epochs into metrics.jsonl as eval/*; 0 = never.
+  config.evals.metrics = "foscttm,top1,label_transfer"  # Comma-separated subset of foscttm,top1,label_transfer,joint.
+  config.evals.max_cells = 1000  # Cell IDs scored (a fixed seeded subset), to keep it cheap.
+  config.evals.label_key = ""  # obs column of cell types to score with; "" = a modality's label_key, else cell_type.
+  config.evals.batch_key = ""  # obs column of batches; "" = a modality's batch_key, else batch.
+  config.evals.plots = True  # Write plots/*.png at the end of training.
   return config
 
 
@@ -121,6 +130,7 @@ def _check(ok: bool, key: str, value, allowed: str):
 def validate(config: ml_collections.ConfigDict):
   """Rejects impossible values before any data is read or anything is compiled."""
   # Imported here so that config files load without pulling in JAX.
+  from clue_jax import evaluation
   from clue_jax.model import LIKELIHOODS
 
   names = list(config.data.modalities.keys())
@@ -168,6 +178,12 @@ def validate(config: ml_collections.ConfigDict):
          "seconds >= 0")
   _check(train.steps_per_dispatch > 0, "train.steps_per_dispatch", train.steps_per_dispatch, "a positive integer")
   _check(train.num_devices >= 0, "train.num_devices", train.num_devices, "0 (all) or a positive integer")
+  _check(config.evals.every_epochs >= 0, "evals.every_epochs", config.evals.every_epochs, "0 (off) or a positive integer")
+  _check(config.evals.max_cells > 1, "evals.max_cells", config.evals.max_cells, "an integer > 1")
+  try:
+    evaluation.parse_metrics(config.evals.metrics)
+  except ValueError as e:
+    raise ConfigError(f"evals.metrics={config.evals.metrics!r}: {e}") from e
 
 
 def _leaves(config: ml_collections.ConfigDict, prefix: str = ""):

@@ -18,7 +18,7 @@ import pandas as pd
 
 from clue_jax import checkpoint, config as config_lib, data, losses, metrics, parallel, progress, sampler
 from clue_jax import schedule as schedule_lib
-from clue_jax import steps, writer
+from clue_jax import steps, training_eval, writer
 from clue_jax.model import CLUE, ModalitySpec
 
 ENCODE_CHUNK = 1024
@@ -88,6 +88,7 @@ def comparable(config_dict: dict) -> dict:
   """The config without the keys that may change between a run and its resumption."""
   out = json.loads(json.dumps(config_dict))
   out["train"].pop("progress", None)
+  out.pop("evals", None)  # Evaluation settings do not change training.
   return out
 
 
@@ -257,6 +258,7 @@ def train_and_evaluate(config, workdir) -> dict:
   train_chunk = jax.jit(steps.make_train_chunk(model, weights, normalize_u), donate_argnums=0)
   eval_fn = jax.jit(steps.make_eval_step(model, weights, normalize_u))
   encoder = Encoder(model, dataset, mesh)
+  periodic_eval = training_eval.PeriodicEvaluation(config, dataset, encoder)
   meta, tree = run_meta(config, dataset), preprocess_tree(dataset)
   metric_writer = writer.MetricWriter(workdir)
   bar = progress.ProgressBar(schedule.plan.max_epochs, enabled=config.train.progress)
@@ -309,6 +311,7 @@ def train_and_evaluate(config, workdir) -> dict:
     record.update(events)
     record["time/epoch_s"] = time.time() - started
     record["time/cells_per_s"] = n_steps * batch_size / record["time/epoch_s"]
+    record.update(periodic_eval(epoch, state))
     is_best = schedule.keep_as_best(epoch, monitored, config.train.keep_best)
     save_latest = schedule.done or time.time() - last_save >= config.train.checkpoint_interval_s
     if save_latest or is_best:
@@ -330,7 +333,8 @@ def train_and_evaluate(config, workdir) -> dict:
   summary = {"epochs_run": schedule.epoch, "restored_epoch": final_epoch, "plan": schedule.to_json()["plan"],
              "early_stopped": schedule.stopped and schedule.epoch < schedule.plan.max_epochs,
              "n_params": n_params, "heldout_foscttm": heldout_foscttm(encoder, state, dataset),
-             "embeddings": {k: list(v) for k, v in shapes.items()}}
+             "embeddings": {k: list(v) for k, v in shapes.items()},
+             "plots": training_eval.final_plots(workdir, config)}
   write_atomically(workdir / "summary.json", lambda p: p.write_text(json.dumps(summary, indent=2)))
   ckpts.close()
   return summary

@@ -22,4 +22,5 @@ def get_config():
   config.train.align_burnin = 1
   config.train.steps_per_dispatch = 4
   config.train.checkpoint_interval_s = 0.0  # Every epoch (the kill-and-resume test needs early checkpoints).
+  config.evals.plots = False  # Seconds of layout per run; tests that want plots switch them on.
   return config
