@@ -245,7 +245,7 @@ class Run:
 
   # ----------------------------------------------------------------------------------------------------- match
   def match(self, adata_a, modality_a: str, adata_b, modality_b: str, method: str = "snn", k: int = 1,
-            batch_key: str | None = None, epsilon: float = 0.05, n_iter: int = 200,
+            batch_key: str | None = None, epsilon: float = 0.01, n_iter: int = 500,
             top_k: int = matching.MAX_NONZEROS_PER_ROW) -> Matching:
     """Matches the cells of `adata_a` to those of `adata_b` in the shared embedding (within the batches of the
     obs column `batch_key` when given): "snn" (shared nearest neighbours, `k`) or "sinkhorn" (entropic optimal

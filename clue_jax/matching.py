@@ -29,18 +29,19 @@ def snn_matching(x, y, k: int = 1, batch_x=None, batch_y=None,
   return within_batches(lambda a, b: snn_scores(a, b, k), x, y, batch_x, batch_y, max_per_row)
 
 
-def sinkhorn_matching(x, y, epsilon: float = 0.05, n_iter: int = 200, batch_x=None, batch_y=None,
+def sinkhorn_matching(x, y, epsilon: float = 0.01, n_iter: int = 500, batch_x=None, batch_y=None,
                       top_k: int = MAX_NONZEROS_PER_ROW) -> sp.csr_matrix:
   """Entropic-OT matching of the rows of `x` to the rows of `y`: the plan's rows, each keeping its `top_k` largest
   weights and rescaled to sum to 1.
 
   `epsilon` is the entropic regularisation on the cosine-distance cost (range [0, 2]): smaller is sharper and needs
-  more iterations.
+  more iterations (at 0.01, 500 iterations leave the row marginals within 1 % on the CITE starter). Each iteration
+  costs two log-sum-exps over the (cells of x) x (cells of y) matrix of a batch.
   """
   if not epsilon > 0:
-    raise ValueError(f"epsilon={epsilon}: the entropic regularisation must be positive, e.g. 0.05")
+    raise ValueError(f"epsilon={epsilon}: the entropic regularisation must be positive, e.g. 0.01")
   if n_iter < 1:
-    raise ValueError(f"n_iter={n_iter}: run at least one Sinkhorn iteration, e.g. 200")
+    raise ValueError(f"n_iter={n_iter}: run at least one Sinkhorn iteration, e.g. 500")
   if not 1 <= top_k <= MAX_NONZEROS_PER_ROW:
     raise ValueError(f"top_k={top_k}: keep between 1 and {MAX_NONZEROS_PER_ROW} (the competition's limit) weights "
                      f"per row")
