@@ -32,7 +32,7 @@ def umap_2d(x, seed: int = 0) -> tuple:
   if umap_learn_installed():
     import umap  # pylint: disable=import-outside-toplevel
 
-    reducer = umap.UMAP(n_neighbors=N_NEIGHBORS, min_dist=MIN_DIST, random_state=seed)
+    reducer = umap.UMAP(n_neighbors=N_NEIGHBORS, min_dist=MIN_DIST, random_state=seed, n_jobs=1)
     return reducer.fit_transform(x), "UMAP (umap-learn)"
   return numpy_umap(x, seed=seed), "UMAP (clue_jax numpy layout; umap-learn not installed)"
 

@@ -46,8 +46,8 @@ def write_plots(out_dir, embeddings: dict, obs: dict, records: list, label_key: 
     save(loss_curves(records), "losses.png")
   if any(k.startswith("eval/") or k == "val/heldout_foscttm" for r in records for k in r):
     save(eval_curves(records), "eval_curves.png")
-  scores = evaluation.per_cell_foscttm(embeddings, obs)
-  if label_key and len(scores):
+  scores = evaluation.per_cell_foscttm(embeddings, obs) if label_key else pd.Series(dtype=float)
+  if len(scores):
     labels = evaluation.joint_obs(obs, cell_rows(obs, scores.index), scores.index.to_numpy())[label_key]
     save(score_by_group(scores.to_numpy(), labels.to_numpy(object), label_key), "foscttm_by_cell_type.png")
   return written
@@ -177,7 +177,7 @@ def score_by_group(scores: np.ndarray, groups: np.ndarray, group_name: str) -> F
   figure = Figure(figsize=(7.5, max(3.0, 1.2 + 0.22 * len(stats))), layout="constrained")
   ax = figure.add_subplot()
   bars = ax.barh(np.arange(len(stats)), stats["mean"], color=colormaps["tab10"](0))
-  ax.bar_label(bars, fmt="%.3f", fontsize=6.5, padding=2)
+  ax.bar_label(bars, fmt="{:.2g}", fontsize=6.5, padding=2)
   ax.set_yticks(np.arange(len(stats)), [f"{g} ({n})" for g, n in zip(stats.index, stats["count"])], fontsize=7.5)
   ax.set_ylim(-0.6, len(stats) - 0.4)
   ax.axvline(float(frame["score"].mean()), color="black", linewidth=1, linestyle="--",
