@@ -30,7 +30,7 @@ def umap_2d(x, seed: int = 0) -> tuple:
   """(coordinates (cells, 2), a title naming the method that made them)."""
   x = np.asarray(x, np.float64)
   if umap_learn_installed():
-    import umap  # pylint: disable=import-outside-toplevel
+    import umap  # Optional: the eval extra.
 
     reducer = umap.UMAP(n_neighbors=N_NEIGHBORS, min_dist=MIN_DIST, random_state=seed, n_jobs=1)
     return reducer.fit_transform(x), "UMAP (umap-learn)"

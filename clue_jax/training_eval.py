@@ -70,7 +70,7 @@ def final_plots(workdir, config) -> dict:
     label_key, batch_key = run_outputs.default_keys(config, columns)
     written = plots.write_plots(workdir / "plots", outputs.embeddings, outputs.obs, outputs.records, label_key,
                                 batch_key, seed=config.seed)
-  except Exception as e:  # pylint: disable=broad-except
+  except Exception as e:  # noqa: BLE001 (whatever broke a figure, the run's results stand)
     warnings.warn(f"plots were not written: {e!r}", stacklevel=1)
     return {"written": [], "note": f"failed: {e!r}"}
   return {"written": [str(p.relative_to(workdir)) for p in written]}

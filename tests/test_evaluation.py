@@ -1,7 +1,6 @@
 """The evaluator on hand-built embeddings with known answers, and `python -m clue_jax.evaluate` on a smoke run
 (trained once, with periodic evaluation and end-of-training plots on)."""
 
-import importlib.util
 import json
 import pathlib
 import subprocess
