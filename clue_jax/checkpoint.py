@@ -2,18 +2,46 @@
 
 Two managers under `<workdir>/checkpoints/`: `latest/` (the last epochs, for resuming) and `best/` (the
 `keep_best` epochs with the lowest monitored value after burn-in). Each step holds the train state, the schedule,
-the fitted preprocessing and the run's metadata (config, modality order, features, categories). Restores always
-go against an abstract target with shardings, so a run saved on N devices restores on M.
+the fitted preprocessing and the run's metadata (config, modality order, features, categories, and a SHA-256 of the
+state). Restores always go against an abstract target with shardings, so a run saved on N devices restores on M.
+
+Crash safety: Orbax writes a step under a temporary name and renames it when complete, so a run killed during a
+save leaves only an unfinished temporary directory, which is ignored and removed on the next start. A finished step
+that cannot be read back or whose state does not match its SHA-256 is damaged: it is moved to `checkpoints/damaged/`
+with a warning and the previous step is used.
 """
 
+import hashlib
 import pathlib
+import shutil
+import warnings
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from clue_jax import writer
+
+MODEL_KEYS = ("params", "batch_stats")
+
+
+class IncompatibleCheckpoint(ValueError):
+  """A checkpoint whose model shapes differ from those of the model being built."""
+
+
+class DamagedCheckpoint(RuntimeError):
+  """A checkpoint step that cannot be read back intact."""
+
+
+def _remove_unfinished(directory: pathlib.Path):
+  """Deletes the steps that a killed run left under Orbax's temporary names (never read by Orbax either)."""
+  if directory.is_dir():
+    for path in directory.glob(f"*{ocp.path.atomicity_types.TMP_DIR_SUFFIX}*"):
+      shutil.rmtree(path)
+
 
 def _manager(directory: pathlib.Path, max_to_keep: int, best: bool) -> ocp.CheckpointManager:
+  _remove_unfinished(directory)
   options = ocp.CheckpointManagerOptions(
       max_to_keep=max_to_keep,
       best_fn=(lambda metrics: metrics["monitored"]) if best else None,
@@ -21,25 +49,63 @@ def _manager(directory: pathlib.Path, max_to_keep: int, best: bool) -> ocp.Check
       keep_checkpoints_without_metrics=not best,
       enable_async_checkpointing=False,
   )
-  return ocp.CheckpointManager(directory.absolute(), options=options)
+  handlers = {"state": ocp.StandardCheckpointHandler(), "preprocess": ocp.StandardCheckpointHandler(),
+              "schedule": ocp.JsonCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
+  return ocp.CheckpointManager(directory.absolute(), options=options, item_handlers=handlers)
+
+
+def _brief(error: Exception) -> str:
+  """The error's type and the start of its message (tensorstore appends its whole spec)."""
+  text = str(error)
+  return f"{type(error).__name__}: {text[:200]}{'...' if len(text) > 200 else ''}"
+
+
+def state_digest(state) -> str:
+  """SHA-256 over the shapes, dtypes and bytes of every leaf of `state`."""
+  digest = hashlib.sha256()
+  for leaf in jax.tree.leaves(jax.device_get(state)):
+    leaf = np.asarray(leaf)
+    digest.update(f"{leaf.shape}{leaf.dtype}".encode())
+    digest.update(np.ascontiguousarray(leaf).tobytes())
+  return digest.hexdigest()
+
+
+def _named_leaves(tree) -> dict:
+  """{"params/encoder/Dense_0/kernel": leaf} for the model entries (params, batch_stats) of a state."""
+  out = {}
+  for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
+    names = [str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path]
+    if names[0] in MODEL_KEYS:
+      out["/".join(names)] = leaf
+  return out
 
 
 class Checkpoints:
   def __init__(self, directory: pathlib.Path, keep_best: int):
+    self.directory = directory
     self.latest = _manager(directory / "latest", 2, best=False)
     self.best = _manager(directory / "best", keep_best, best=True)
 
   def save(self, epoch: int, state, schedule: dict, preprocess: dict, meta: dict, latest: bool = True,
            monitored=None):
-    """Saves epoch `epoch` as the latest (if `latest`), and among the best when `monitored` is given."""
+    """Saves epoch `epoch` among the best when `monitored` is given, then as the latest (if `latest`).
+
+    Best first: a run killed in between resumes from the previous latest epoch, which drops the newer best one.
+    """
+    meta = {**meta, "state_sha256": state_digest(state)}
     args = ocp.args.Composite(state=ocp.args.StandardSave(state), schedule=ocp.args.JsonSave(schedule),
                               preprocess=ocp.args.StandardSave(preprocess), meta=ocp.args.JsonSave(meta))
-    if latest:
-      self.latest.save(epoch, args=args, force=True)
-    if monitored is not None:
-      self.best.save(epoch, args=args, metrics={"monitored": float(monitored)}, force=True)
-    self.latest.wait_until_finished()
-    self.best.wait_until_finished()
+    for manager, wanted in ((self.best, monitored is not None), (self.latest, latest)):
+      if not wanted:
+        continue
+      try:
+        if manager is self.best:
+          manager.save(epoch, args=args, metrics={"monitored": float(monitored)}, force=True)
+        else:
+          manager.save(epoch, args=args, force=True)
+        manager.wait_until_finished()
+      except OSError as e:
+        raise writer.OutputError(manager.directory / str(epoch), e) from e
 
   def latest_epoch(self):
     return self.latest.latest_step()
@@ -49,11 +115,6 @@ class Checkpoints:
     for step in self.best.all_steps():
       if step > epoch:
         self.best.delete(step)
-
-  def best_epoch(self):
-    """The most recent of the kept best epochs (what the reference restores at the end)."""
-    steps = self.best.all_steps()
-    return max(steps) if steps else None
 
   def _manager_for(self, from_best: bool):
     return self.best if from_best else self.latest
@@ -65,16 +126,82 @@ class Checkpoints:
         schedule=ocp.args.JsonRestore(), preprocess=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore()))
     return restored["schedule"], jax.tree.map(np.asarray, restored["preprocess"]), restored["meta"]
 
+  def newest_extras(self):
+    """(epoch, schedule, preprocess, meta) of the newest latest epoch whose extras read back; None without any.
+
+    DamagedCheckpoint when there are epochs and none reads back.
+    """
+    errors = []
+    for epoch in sorted(self.latest.all_steps(), reverse=True):
+      try:
+        return epoch, *self.restore_extras(epoch)
+      except Exception as e:  # Orbax, tensorstore and json raise many types for damaged files.
+        errors.append(f"{self.latest.directory / str(epoch)}: {_brief(e)}")
+        warnings.warn(f"{errors[-1]}; trying the previous checkpoint", stacklevel=2)
+    if errors:
+      raise DamagedCheckpoint("; ".join(errors))
+    return None
+
+  def check_model_shapes(self, epoch: int, abstract_state, from_best: bool = False):
+    """Raises IncompatibleCheckpoint when the saved params / batch_stats differ from `abstract_state`'s."""
+    saved = _named_leaves(self._manager_for(from_best).item_metadata(epoch)["state"])
+    wanted = _named_leaves(abstract_state)
+    differ = [f"{k}: {tuple(saved[k].shape) if k in saved else 'absent'} saved, "
+              f"{tuple(wanted[k].shape) if k in wanted else 'absent'} now"
+              for k in sorted(saved.keys() | wanted.keys())
+              if k not in saved or k not in wanted or tuple(saved[k].shape) != tuple(wanted[k].shape)]
+    if differ:
+      raise IncompatibleCheckpoint(f"{len(differ)} model arrays differ in shape, e.g. {'; '.join(differ[:3])}")
+
   def restore_state(self, epoch: int, abstract_state, from_best: bool = False):
-    """The train state of `epoch`, placed as `abstract_state` (ShapeDtypeStructs with shardings) says."""
+    """The train state of `epoch`, placed as `abstract_state` (ShapeDtypeStructs with shardings) says.
+
+    Raises IncompatibleCheckpoint for other model shapes and DamagedCheckpoint for a step that cannot be read back
+    or whose state does not match the SHA-256 saved with it.
+    """
     manager = self._manager_for(from_best)
-    restored = manager.restore(epoch, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))
+    try:
+      self.check_model_shapes(epoch, abstract_state, from_best)
+      restored = manager.restore(epoch, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
+                                                                meta=ocp.args.JsonRestore()))
+    except IncompatibleCheckpoint:
+      raise
+    except Exception as e:  # Orbax, tensorstore and json raise many types for damaged files.
+      raise DamagedCheckpoint(f"{manager.directory / str(epoch)} cannot be read ({_brief(e)})") from e
+    expected = restored["meta"].get("state_sha256")
+    if expected is not None and expected != state_digest(restored["state"]):
+      raise DamagedCheckpoint(f"{manager.directory / str(epoch)}: the restored state does not match its SHA-256")
     return restored["state"]
 
-  def restore_meta(self, epoch: int) -> dict:
-    """The run metadata (config, features, categories) of a latest-checkpoint epoch."""
-    restored = self.latest.restore(epoch, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
-    return restored["meta"]
+  def restore_newest(self, abstract_state, from_best: bool = False):
+    """(epoch, state) of the newest intact step; damaged newer steps are moved aside with a warning.
+
+    None when there is no step; DamagedCheckpoint when every step is damaged (nothing is moved then).
+    """
+    manager = self._manager_for(from_best)
+    epochs = sorted(manager.all_steps(), reverse=True)
+    damaged = []
+    for epoch in epochs:
+      try:
+        state = self.restore_state(epoch, abstract_state, from_best)
+      except DamagedCheckpoint as e:
+        damaged.append((epoch, e))
+        continue
+      for bad, error in damaged:
+        self._set_aside(manager, bad, "best" if from_best else "latest", error)
+      return epoch, state
+    if damaged:
+      raise DamagedCheckpoint("; ".join(str(e) for _, e in damaged))
+    return None
+
+  def _set_aside(self, manager: ocp.CheckpointManager, epoch: int, kind: str, error: Exception):
+    target = self.directory / "damaged" / f"{kind}-{epoch}"
+    if target.exists():
+      shutil.rmtree(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.move(manager.directory / str(epoch), target)
+    manager.reload()
+    warnings.warn(f"{error}; skipped it (moved to {target}) and used the previous checkpoint", stacklevel=3)
 
   def close(self):
     self.latest.close()

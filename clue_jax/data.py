@@ -40,6 +40,7 @@ class Modality:
   batch_categories: tuple
   label: np.ndarray  # (cells,) int32 label index, -1 = unlabelled.
   preprocess: dict  # Fitted representation state (preprocess.state_to_arrays), {} if none.
+  rep_features: np.ndarray | None  # Names of the features the representation was fitted on; None if not fitted.
   log_factorial: np.ndarray | None = None  # (cells,) sum_f lgamma(counts + 1), for NB (a data constant).
 
 
@@ -69,28 +70,41 @@ def modality_order(config) -> list:
 
 
 def read_anndata(name: str, spec) -> ad.AnnData:
-  """Reads modality `name` from an .h5ad file, or from the `mod/<mod_key>` group of an .h5mu file."""
+  """Reads modality `name` from an .h5ad file, or from the `mod/<mod_key>` group of an .h5mu (MuData) file."""
   field = f"data.modalities.{name}.path"
   if not spec.path:
     raise DataError(f"{field} is empty: point it at your file, e.g. --config.{field}=my_{name}.h5ad")
   path = pathlib.Path(spec.path).expanduser()
   if not path.is_file():
     raise DataError(f"{path}: no such file ({field}). Fix the path or pass --config.{field}=FILE")
+  if not h5py.is_hdf5(path):
+    raise DataError(f"{path}: not an HDF5 file, so neither AnnData (.h5ad) nor MuData (.h5mu) ({field}); convert "
+                    f"it first, e.g. anndata.read_csv(...).write_h5ad('{path.stem}.h5ad')")
   try:
-    if path.suffix == ".h5mu":
-      key = spec.mod_key or name
-      with h5py.File(path, "r") as f:
-        if "mod" not in f or key not in f["mod"]:
-          available = list(f["mod"]) if "mod" in f else []
-          raise DataError(f"{path}: the .h5mu file has no modality {key!r} (available: {available}); "
-                          f"set data.modalities.{name}.mod_key to one of them")
-        return ad.io.read_elem(f["mod"][key])
+    with h5py.File(path, "r") as f:
+      if "mod" in f:
+        return ad.io.read_elem(anndata_group(f["mod"], spec.mod_key or name, path, name))
+      anndata_group(f, None, path, name)
     return ad.read_h5ad(path)
   except DataError:
     raise
-  except Exception as e:  # h5py / anndata raise many types for unreadable files.
-    raise DataError(f"{path}: cannot be read as AnnData (.h5ad) or MuData (.h5mu) ({field}): "
-                    f"{type(e).__name__}: {e}") from e
+  except Exception as e:  # h5py / anndata raise many types for damaged files.
+    raise DataError(f"{path}: cannot be read as AnnData (.h5ad) or MuData (.h5mu) ({field}), the file may be "
+                    f"truncated or damaged: {type(e).__name__}: {e}") from e
+
+
+def anndata_group(group: h5py.Group, key: str | None, path: pathlib.Path, name: str) -> h5py.Group:
+  """`group[key]` (or `group` itself), checked to hold an AnnData (obs and var)."""
+  if key is not None:
+    if key not in group:
+      raise DataError(f"{path}: the MuData file has no modality {key!r} (available: {list(group)}); set "
+                      f"--config.data.modalities.{name}.mod_key to one of them")
+    group = group[key]
+  missing = [k for k in ("obs", "var") if k not in group]
+  if missing:
+    raise DataError(f"{path}: an HDF5 file but not AnnData: {group.name} has no {' or '.join(missing)} "
+                    f"(it holds {list(group)}); data.modalities.{name}.path needs an .h5ad or .h5mu file")
+  return group
 
 
 def layer_matrix(adata: ad.AnnData, layer: str, path: str, field: str):
@@ -105,17 +119,25 @@ def layer_matrix(adata: ad.AnnData, layer: str, path: str, field: str):
 
 
 def as_csr(matrix) -> sp.csr_matrix:
+  """Any dense or sparse (CSR, CSC, COO, ..., int or float) matrix as float32 CSR without stored zeros."""
   if sp.issparse(matrix):
-    return sp.csr_matrix(matrix, dtype=np.float32)
+    out = sp.csr_matrix(matrix, dtype=np.float32)
+    out.sum_duplicates()  # COO may hold duplicate entries.
+    out.eliminate_zeros()
+    return out
   return sp.csr_matrix(np.asarray(matrix, dtype=np.float32))
+
+
+def check_finite(matrix: sp.csr_matrix, path: str, field: str):
+  bad = int((~np.isfinite(matrix.data)).sum())
+  if bad:
+    raise DataError(f"{path}: {field} holds {bad} NaN/inf values; remove or impute them before training")
 
 
 def check_counts(counts: sp.csr_matrix, likelihood: str, path: str, field: str, on_fraction: str):
   """NaN/inf are always errors; negative values and non-integers are checked under count likelihoods."""
+  check_finite(counts, path, field)
   values = counts.data
-  if not np.isfinite(values).all():
-    bad = int((~np.isfinite(values)).sum())
-    raise DataError(f"{path}: {field} holds {bad} NaN/inf values; remove or impute them before training")
   if likelihood not in COUNT_LIKELIHOODS:
     return
   if (values < 0).any():
@@ -129,6 +151,60 @@ def check_counts(counts: sp.csr_matrix, likelihood: str, path: str, field: str, 
     if on_fraction == "error":
       raise DataError(message)
     warnings.warn(message, stacklevel=2)
+
+
+def check_unique_names(adata: ad.AnnData, path: str):
+  """Cells are paired and features aligned by name, so both must be unique."""
+  for axis, names, fix in (("obs_names", adata.obs_names, "obs_names_make_unique"),
+                           ("var_names", adata.var_names, "var_names_make_unique")):
+    if not names.is_unique:
+      duplicates = names[names.duplicated()].unique()
+      raise DataError(f"{path}: {axis} are not unique ({len(duplicates)} repeated, e.g. {duplicates[:3].tolist()}); "
+                      f"cells are paired and features matched by name, so make them unique "
+                      f"(adata.{fix}()) and save the file again")
+
+
+def nonzero_cells(counts: sp.csr_matrix, path: str, field: str) -> np.ndarray:
+  """Mask of the cells with at least one non-zero value; warns with the number of the others."""
+  keep = np.diff(counts.indptr) > 0
+  if not keep.any():
+    raise DataError(f"{path}: no cell has a non-zero value in {field} ({counts.shape[0]} cells, {counts.shape[1]} "
+                    f"features); point it at the layer holding the data")
+  if not keep.all():
+    warnings.warn(f"{path}: dropped {int((~keep).sum())} of {counts.shape[0]} cells whose {field} is zero in every "
+                  f"feature (nothing to reconstruct)", stacklevel=3)
+  return keep
+
+
+def nonzero_features(counts: sp.csr_matrix, path: str, field: str) -> np.ndarray:
+  """Mask of the features with at least one non-zero value; warns with the number of the others."""
+  keep = np.bincount(counts.indices, minlength=counts.shape[1]) > 0
+  if not keep.all():
+    warnings.warn(f"{path}: {int((~keep).sum())} of {counts.shape[1]} features are zero in every cell of {field}; "
+                  f"they are not used as decoder features", stacklevel=3)
+  return keep
+
+
+def align_features(matrix, var_names, features, path: str, field: str) -> sp.csr_matrix:
+  """`matrix` (cells x `var_names`) with its columns taken by name in the order of `features`, as float32 CSR.
+
+  For data seen by a trained model (a resumed run, inference): columns the model does not know are left out, and a
+  feature it was trained on that is missing is an error listing the missing names.
+  """
+  matrix = as_csr(matrix)
+  var_names = pd.Index(np.asarray(var_names).astype(str))
+  features = pd.Index(np.asarray(features).astype(str))
+  if var_names.equals(features):
+    return matrix
+  if not var_names.is_unique:
+    raise DataError(f"{path}: var_names are not unique, so {field} cannot be matched to the model's features by "
+                    f"name; make them unique (adata.var_names_make_unique())")
+  positions = var_names.get_indexer(features)
+  missing = features[positions < 0]
+  if len(missing):
+    raise DataError(f"{path}: {len(missing)} of the {len(features)} features the model was trained on are missing "
+                    f"from {field} (e.g. {missing[:5].tolist()}); the model needs all of them, matched by var_names")
+  return matrix[:, positions]
 
 
 def obs_codes(adata: ad.AnnData, key: str, path: str, field: str, categories=None):
@@ -147,10 +223,10 @@ def obs_codes(adata: ad.AnnData, key: str, path: str, field: str, categories=Non
   return codes, categories
 
 
-def select_features(adata: ad.AnnData, counts: sp.csr_matrix, spec) -> np.ndarray:
+def select_features(var: pd.DataFrame, counts: sp.csr_matrix, spec) -> np.ndarray:
   """Decoder features: var["highly_variable"] if present, else spec.feature_selection of spec.n_features."""
-  if "highly_variable" in adata.var:
-    return adata.var["highly_variable"].to_numpy(bool)
+  if "highly_variable" in var:
+    return var["highly_variable"].to_numpy(bool)
   n_top = spec.n_features
   if spec.feature_selection == "all" or n_top >= counts.shape[1]:
     return np.ones(counts.shape[1], bool)
@@ -159,6 +235,16 @@ def select_features(adata: ad.AnnData, counts: sp.csr_matrix, spec) -> np.ndarra
   if spec.feature_selection == "total_counts":
     return preprocess.select_by_total_counts(counts, n_top)
   raise DataError(f"feature_selection={spec.feature_selection!r}: use all, dispersion or total_counts")
+
+
+def decoder_features(adata: ad.AnnData, counts: sp.csr_matrix, spec, path: str, field: str) -> np.ndarray:
+  """Names of the decoder features, chosen among the features that are not zero in every cell."""
+  nonzero = nonzero_features(counts, path, field)
+  chosen = np.flatnonzero(nonzero)[select_features(adata.var[nonzero], counts[:, nonzero], spec)]
+  if chosen.size == 0:
+    raise DataError(f"{path}: no decoder feature selected (var['highly_variable'] False for every feature with "
+                    f"data?)")
+  return np.asarray(adata.var_names[chosen]).astype(str)
 
 
 def normalize(matrix, how: str):
@@ -173,37 +259,51 @@ def normalize(matrix, how: str):
 
 @dataclasses.dataclass
 class RawModality:
-  """A modality read and checked, before any fitting."""
+  """A modality read and checked, before any fitting (cells with no data already dropped)."""
 
   adata: ad.AnnData
   spec: object
   path: str
-  counts: sp.csr_matrix
-  feature_mask: np.ndarray
+  counts: sp.csr_matrix  # All features of the count layer.
+  features: np.ndarray  # Names of the decoder features.
+  rep_features: np.ndarray | None  # Names of the features the representation is fitted on; None if not fitted.
 
 
-def read_modality(name: str, spec, count_check: str = "warn") -> RawModality:
+def read_modality(name: str, spec, count_check: str = "warn", trained: dict | None = None) -> RawModality:
+  """Reads and checks one modality; `trained` ({"features", "rep_features"}) fixes the features of a trained model."""
   adata = read_anndata(name, spec)
   path = str(spec.path)
-  if not adata.obs_names.is_unique:
-    duplicates = adata.obs_names[adata.obs_names.duplicated()][:3].tolist()
-    raise DataError(f"{path}: obs_names are not unique (e.g. {duplicates}); cells are paired by name, so make "
-                    f"them unique (adata.obs_names_make_unique())")
-  field = f"data.modalities.{name}.layer"
-  counts = as_csr(layer_matrix(adata, spec.layer, path, field))
-  check_counts(counts, spec.likelihood, path, f"{field}={spec.layer!r}", count_check)
-  mask = select_features(adata, counts, spec)
-  if not mask.any():
-    raise DataError(f"{path}: no decoder feature selected (var['highly_variable'] all False?)")
-  return RawModality(adata, spec, path, counts, mask)
+  check_unique_names(adata, path)
+  layer_field = f"data.modalities.{name}.layer"
+  field = f"{layer_field}={spec.layer!r}"
+  counts = as_csr(layer_matrix(adata, spec.layer, path, layer_field))
+  check_counts(counts, spec.likelihood, path, field, count_check)
+  keep = nonzero_cells(counts, path, field)
+  if not keep.all():
+    with ad.settings.override(remove_unused_categories=False):  # Batch categories stay those of the file.
+      adata, counts = adata[keep], counts[keep]
+  if trained is None:
+    features, rep_features = decoder_features(adata, counts, spec, path, field), None
+  else:
+    features, rep_features = np.asarray(trained["features"]).astype(str), trained["rep_features"]
+  if rep_features is None and spec.rep in ("pca", "lsi"):
+    rep_features = features if spec.rep_features == "decoder" else adata.var_names
+  if rep_features is not None:
+    rep_features = np.asarray(rep_features).astype(str)
+  return RawModality(adata, spec, path, counts, features, rep_features)
+
+
+def decoder_counts(raw: RawModality, name: str) -> sp.csr_matrix:
+  return align_features(raw.counts, raw.adata.var_names, raw.features, raw.path, f"data.modalities.{name}.layer")
 
 
 def representation_source(raw: RawModality, name: str):
+  """The matrix the PCA / LSI is fitted on and applied to, its columns in the order of `raw.rep_features`."""
   spec = raw.spec
-  source = raw.counts if spec.rep == "lsi" else as_csr(
-      layer_matrix(raw.adata, spec.rep_layer, raw.path, f"data.modalities.{name}.rep_layer"))
-  if spec.rep_features == "decoder":
-    source = source[:, raw.feature_mask]
+  field = f"data.modalities.{name}.layer" if spec.rep == "lsi" else f"data.modalities.{name}.rep_layer"
+  matrix = raw.counts if spec.rep == "lsi" else layer_matrix(raw.adata, spec.rep_layer, raw.path, field)
+  source = align_features(matrix, raw.adata.var_names, raw.rep_features, raw.path, field)
+  check_finite(source, raw.path, field)
   return source if spec.rep == "lsi" else normalize(source, spec.rep_normalize)
 
 
@@ -225,10 +325,13 @@ def apply_representation(raw: RawModality, name: str, state: dict):
   if spec.rep == "none":
     return None
   if spec.rep == "obsm":
+    field = f"data.modalities.{name}.rep_key"
     if spec.rep_key not in raw.adata.obsm:
-      raise DataError(f"{raw.path}: obsm has no key {spec.rep_key!r} (data.modalities.{name}.rep_key); "
-                      f"available: {list(raw.adata.obsm)}")
-    return np.asarray(raw.adata.obsm[spec.rep_key], np.float32)
+      raise DataError(f"{raw.path}: obsm has no key {spec.rep_key!r} ({field}); available: {list(raw.adata.obsm)}. "
+                      f"Set --config.{field}=<one of them>")
+    rep = np.asarray(raw.adata.obsm[spec.rep_key], np.float32)
+    check_finite(sp.csr_matrix(rep), raw.path, f"obsm[{spec.rep_key!r}] ({field})")
+    return rep
   fitted = preprocess.state_from_arrays(state)
   source = representation_source(raw, name)
   if spec.rep == "pca":
@@ -244,16 +347,15 @@ def build_modality(name: str, raw: RawModality, state: dict, batch_categories, l
                                         batch_categories)
     if (batch < 0).any():
       raise DataError(f"{raw.path}: obs[{spec.batch_key!r}] has {int((batch < 0).sum())} cells with a missing "
-                      f"or unknown batch; give every cell a batch")
+                      f"or unknown batch (known: {list(batch_categories)}); give every cell one of them")
   else:
     batch, batch_categories = np.zeros(n, np.int32), ("all",)
   label = np.full(n, -1, np.int32)
   if spec.label_key:
     label, _ = obs_codes(adata, spec.label_key, raw.path, f"data.modalities.{name}.label_key", label_categories)
-  counts = raw.counts[:, raw.feature_mask].tocsr()
-  return Modality(name=name, path=raw.path, obs=adata.obs.copy(),
-                  features=np.asarray(adata.var_names[raw.feature_mask]).astype(str),
-                  counts=counts, rep=apply_representation(raw, name, state),
+  counts = decoder_counts(raw, name)
+  return Modality(name=name, path=raw.path, obs=adata.obs.copy(), features=raw.features, counts=counts,
+                  rep=apply_representation(raw, name, state), rep_features=raw.rep_features,
                   batch=batch, batch_categories=tuple(batch_categories), label=label, preprocess=state,
                   log_factorial=row_log_factorials(counts) if spec.likelihood == "NB" else None)
 
@@ -274,20 +376,39 @@ def label_categories_of(raws: dict) -> tuple:
   return tuple(sorted(labels))
 
 
+def check_pairs(pairing: sampler.Pairing, raws: dict, pair_by: str):
+  """Pairing by obs_names that pairs nothing is almost always a naming mismatch between the files."""
+  if pair_by == "obs_names" and len(sampler.paired_ids(pairing)) == 0:
+    examples = "; ".join(f"{r.path}: {r.adata.obs_names[:2].tolist()}" for r in raws.values())
+    raise DataError(f"no cell is in two modalities: data.pair_by='obs_names' pairs cells by name and no obs_name "
+                    f"occurs in two files ({examples}). Give paired cells the same obs_names, or set "
+                    f"--config.data.pair_by=none to train on unpaired cells")
+
+
 def load_dataset(config, saved: dict | None = None) -> Dataset:
   """Reads, checks, pairs, splits and preprocesses every modality of `config.data`.
 
-  `saved` (from a checkpoint) supplies the fitted preprocessing and categories instead of fitting them anew.
+  `saved` (from a checkpoint) supplies the features, fitted preprocessing and categories of a trained model instead
+  of choosing and fitting them anew; the data's features are matched to it by name.
   """
   names = modality_order(config)
   if len(names) < 2:
     raise DataError(f"CLUE needs at least two modalities; data.modalities has {names}")
-  raws = {name: read_modality(name, config.data.modalities[name], config.data.count_check) for name in names}
+  raws = {}
+  for name in names:
+    trained = None if saved is None else {"features": saved["features"][name],
+                                          "rep_features": saved["rep_features"].get(name)}
+    raws[name] = read_modality(name, config.data.modalities[name], config.data.count_check, trained)
   pairing = sampler.pair_cells({n: r.adata.obs_names for n, r in raws.items()}, config.data.pair_by)
+  check_pairs(pairing, raws, config.data.pair_by)
   rng = np.random.default_rng([config.seed, 1])
   heldout = None
   if config.data.heldout_pairs > 0:
     pairing, heldout = sampler.hide_pairs(pairing, config.data.heldout_pairs, rng)
+  if heldout is None and config.train.monitor == "heldout_foscttm":
+    raise DataError(f"train.monitor='heldout_foscttm' needs held-out pairs, but data.heldout_pairs="
+                    f"{config.data.heldout_pairs} hides none of the {len(sampler.paired_ids(pairing))} paired "
+                    f"cells; raise data.heldout_pairs or set --config.train.monitor=val_loss")
   train_ids, val_ids = sampler.split_ids(len(pairing.ids), config.data.val_split, rng)
   label_categories = tuple(saved["label_categories"]) if saved else label_categories_of(raws)
   modalities = {}
@@ -299,17 +420,19 @@ def load_dataset(config, saved: dict | None = None) -> Dataset:
       batch_categories = saved["batch_categories"][name]
     else:
       if rows.size == 0:
-        raise DataError(f"{raws[name].path}: no cell of modality {name!r} lands in the training split")
+        raise DataError(f"{raws[name].path}: no cell of modality {name!r} lands in the training split; lower "
+                        f"data.val_split or add cells")
       state, batch_categories = fit_representation(raws[name], name, rows, config.seed), None
     modalities[name] = build_modality(name, raws[name], state, batch_categories, label_categories)
   if config.model.shared_batches:
     lists = {n: m.batch_categories for n, m in modalities.items()}
     if len(set(lists.values())) > 1:
       raise DataError(f"model.shared_batches=True needs the same batch categories in every modality, got {lists}; "
-                      f"make the batch columns categorical with identical categories or set it to False")
+                      f"make the batch columns categorical with identical categories or set "
+                      f"--config.model.shared_batches=False")
   if len(train_ids) < config.train.batch_size:
     raise DataError(f"only {len(train_ids)} training cell IDs, fewer than one batch "
-                    f"(train.batch_size={config.train.batch_size}); lower the batch size")
+                    f"(train.batch_size={config.train.batch_size}); lower the batch size or data.val_split")
   return Dataset(modalities, pairing, train_ids, val_ids, heldout, label_categories)
 
 

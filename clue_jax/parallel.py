@@ -8,6 +8,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from clue_jax.config import ConfigError
+
 AXIS = "data"
 
 
@@ -15,7 +17,8 @@ def make_mesh(num_devices: int = 0) -> Mesh:
   devices = jax.devices()
   if num_devices:
     if num_devices > len(devices):
-      raise ValueError(f"train.num_devices={num_devices} but only {len(devices)} devices are visible")
+      raise ConfigError(f"train.num_devices={num_devices} is not allowed: only {len(devices)} devices are visible; "
+                        f"use 0 (all) or at most {len(devices)}")
     devices = devices[:num_devices]
   return Mesh(np.array(devices), (AXIS,))
 
@@ -32,7 +35,8 @@ def batch_sharding(mesh: Mesh, batch_axis: int = 0) -> NamedSharding:
 def check_batch_size(batch_size: int, mesh: Mesh):
   n = mesh.devices.size
   if batch_size % n:
-    raise ValueError(f"train.batch_size={batch_size} is not divisible by the {n} devices; use a multiple of {n}")
+    raise ConfigError(f"train.batch_size={batch_size} is not allowed: it must be divisible by the {n} devices; use a "
+                      f"multiple of {n}, e.g. {max(n, batch_size // n * n)}")
 
 
 def put(tree, sharding: NamedSharding):

@@ -10,6 +10,7 @@ import os
 import pathlib
 import shutil
 import time
+import warnings
 
 import anndata as ad
 import jax
@@ -68,6 +69,8 @@ def run_meta(config, dataset: data.Dataset) -> dict:
       "config": config.to_dict(),
       "modalities": list(dataset.names),
       "features": {n: m.features.tolist() for n, m in dataset.modalities.items()},
+      "rep_features": {n: m.rep_features.tolist() for n, m in dataset.modalities.items()
+                       if m.rep_features is not None},
       "batch_categories": {n: list(m.batch_categories) for n, m in dataset.modalities.items()},
       "label_categories": list(dataset.label_categories),
       "preprocess_kind": {n: str(m.preprocess["kind"]) for n, m in dataset.modalities.items() if m.preprocess},
@@ -80,7 +83,8 @@ def saved_preprocessing(meta: dict, tree: dict) -> dict:
   for name, kind in meta["preprocess_kind"].items():
     states[name] = {"kind": np.array(kind), **{k: np.asarray(v) for k, v in tree[name].items()}}
   return {"preprocess": states, "label_categories": meta["label_categories"],
-          "batch_categories": {n: tuple(c) for n, c in meta["batch_categories"].items()}}
+          "batch_categories": {n: tuple(c) for n, c in meta["batch_categories"].items()},
+          "features": meta["features"], "rep_features": meta.get("rep_features", {})}
 
 
 # ------------------------------------------------------------------------------------------------- workdir
@@ -93,21 +97,48 @@ def comparable(config_dict: dict) -> dict:
 
 
 def prepare_workdir(config, workdir: pathlib.Path, ckpts: checkpoint.Checkpoints):
-  """Refuses a workdir holding another run; writes config.json (atomically)."""
-  latest = ckpts.latest_epoch()
-  if latest is not None:
-    saved = ckpts.restore_meta(latest)["config"]
-    if comparable(saved) != comparable(config.to_dict()):
-      raise TrainingError(
-          f"{workdir} holds a run with a different config (see {workdir / 'config.json'}); use a new --workdir "
-          f"or delete that directory to start over")
+  """Refuses a workdir holding another run; writes config.json (atomically).
+
+  Returns the newest readable (epoch, schedule, preprocess, meta) of the run being resumed, or None.
+  """
+  try:
+    extras = ckpts.newest_extras()
+  except checkpoint.DamagedCheckpoint as e:
+    raise TrainingError(f"no checkpoint in {workdir / 'checkpoints' / 'latest'} can be read ({e}); pass --overwrite "
+                        f"to start over") from e
+  if extras is not None and comparable(extras[3]["config"]) != comparable(config.to_dict()):
+    raise TrainingError(
+        f"{workdir} holds a run with a different config (see {workdir / 'config.json'}); use a new --workdir, pass "
+        f"--overwrite to start over, or --init_from={workdir} with a new --workdir to fine-tune from it")
   write_atomically(workdir / "config.json", lambda p: p.write_text(config.to_json_best_effort(indent=2)))
+  return extras
 
 
 def write_atomically(path: pathlib.Path, write):
+  """Writes through `write(tmp)` and renames, so that `path` is never half-written; OSError -> OutputError."""
   tmp = path.with_name(path.name + ".tmp")
-  write(tmp)
-  os.replace(tmp, path)
+  try:
+    write(tmp)
+    os.replace(tmp, path)
+  except OSError as e:
+    tmp.unlink(missing_ok=True)
+    raise writer.OutputError(path, e) from e
+
+
+def finished_run(init_from: pathlib.Path, config):
+  """(checkpoints, epoch, from_best, saved preprocessing) of the final model of the finished run in `init_from`."""
+  summary = init_from / "summary.json"
+  if not summary.is_file():
+    raise TrainingError(f"--init_from={init_from}: no finished run there (no {summary.name}); point it at the "
+                        f"--workdir of a run that completed")
+  epoch = json.loads(summary.read_text())["restored_epoch"]
+  ckpts = checkpoint.Checkpoints(init_from / "checkpoints", config.train.keep_best)
+  from_best = epoch in ckpts.best.all_steps()
+  _, tree, meta = ckpts.restore_extras(epoch, from_best)
+  if meta["modalities"] != data.modality_order(config):
+    raise TrainingError(f"--init_from={init_from}: that run has modalities {meta['modalities']}, this config "
+                        f"{data.modality_order(config)}; fine-tuning needs the same modalities in the same order")
+  return ckpts, epoch, from_best, saved_preprocessing(meta, tree)
 
 
 # --------------------------------------------------------------------------------------------------- encoding
@@ -202,13 +233,16 @@ def validate(eval_fn, state, dataset, epoch_rows: sampler.EpochRows, batch_size,
   return {k: v / count for k, v in totals.items()}
 
 
-def train_and_evaluate(config, workdir) -> dict:
-  """Trains CLUE as `config` says, writing everything under `workdir`; returns a summary."""
+def train_and_evaluate(config, workdir, init_from=None) -> dict:
+  """Trains CLUE as `config` says, writing everything under `workdir`; returns a summary.
+
+  `init_from`: the directory of a finished run; a new run starts from its final parameters and preprocessing.
+  """
   config_lib.validate(config)
   workdir = pathlib.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   ckpts = checkpoint.Checkpoints(workdir / "checkpoints", config.train.keep_best)
-  prepare_workdir(config, workdir, ckpts)
+  extras = prepare_workdir(config, workdir, ckpts)
 
   # Mesh.
   mesh = parallel.make_mesh(config.train.num_devices)
@@ -217,12 +251,13 @@ def train_and_evaluate(config, workdir) -> dict:
   batch_sharding = parallel.batch_sharding(mesh)
   chunk_sharding = parallel.batch_sharding(mesh, batch_axis=1)
 
-  # Input (with the preprocessing of the run being resumed, if any).
-  latest = ckpts.latest_epoch()
-  saved = None
-  if latest is not None:
-    saved_schedule, saved_tree, saved_meta = ckpts.restore_extras(latest)
-    saved = saved_preprocessing(saved_meta, saved_tree)
+  # Input (with the features and preprocessing of the run being resumed or fine-tuned from, if any).
+  saved, source = None, None
+  if extras is not None:
+    saved = saved_preprocessing(extras[3], extras[2])
+  elif init_from is not None:
+    source = finished_run(pathlib.Path(init_from), config)
+    saved = source[3]
   dataset = data.load_dataset(config, saved)
   model = model_from(config, dataset)
   weights = loss_weights(config, dataset.names)
@@ -241,15 +276,18 @@ def train_and_evaluate(config, workdir) -> dict:
   abstract_state = jax.eval_shape(lambda: steps.init_state(model, init_key, example))
   abstract_state = checkpoint.abstract(abstract_state, state_sharding)
 
-  # Resume.
-  if latest is not None:
-    state = ckpts.restore_state(latest, abstract_state)
-    schedule = schedule_lib.Schedule.from_json(saved_schedule)
+  # Resume, or start (from a finished run's parameters with --init_from).
+  if extras is not None:
+    latest, state = resume_state(ckpts, abstract_state, workdir)
+    schedule = schedule_lib.Schedule.from_json(ckpts.restore_extras(latest)[0])
     ckpts.drop_best_after(latest)
     writer.truncate_after(workdir / "metrics.jsonl", latest)
     print(f"Resuming {workdir} from epoch {latest}.", flush=True)
   else:
-    state = init(init_key, example)
+    entries = {} if source is None else model_entries(source, abstract_state, init_from)
+    state = init(init_key, example).replace(**entries)
+    if source is not None:
+      print(f"Starting from the parameters of {init_from} (epoch {source[1]}).", flush=True)
     schedule = schedule_lib.Schedule(plan=plan, lr=config.train.lr)
     writer.truncate_after(workdir / "metrics.jsonl", 0)
 
@@ -314,21 +352,24 @@ def train_and_evaluate(config, workdir) -> dict:
     record.update(periodic_eval(epoch, state))
     is_best = schedule.keep_as_best(epoch, monitored, config.train.keep_best)
     save_latest = schedule.done or time.time() - last_save >= config.train.checkpoint_interval_s
+    metric_writer.write(record)  # Before the checkpoint: a resumed run drops records after its checkpoint.
     if save_latest or is_best:
       ckpts.save(epoch, state, schedule.to_json(), tree, meta, latest=save_latest,
                  monitored=monitored if is_best else None)
       last_save = time.time() if save_latest else last_save
-    metric_writer.write(record)
     bar.update(epoch, record)
   bar.close()
   metric_writer.close()
 
   # Final model: the most recent of the best checkpoints (method.md §3.2), else the last epoch.
-  best = ckpts.best_epoch()
   final_epoch = schedule.epoch
+  try:
+    best = ckpts.restore_newest(abstract_state, from_best=True)
+  except checkpoint.DamagedCheckpoint as e:
+    warnings.warn(f"{e}; the final model is the last epoch's", stacklevel=1)
+    best = None
   if best is not None:
-    state = ckpts.restore_state(best, abstract_state, from_best=True)
-    final_epoch = best
+    final_epoch, state = best
   shapes = write_embeddings(encoder, state, dataset, config, workdir / "embeddings")
   summary = {"epochs_run": schedule.epoch, "restored_epoch": final_epoch, "plan": schedule.to_json()["plan"],
              "early_stopped": schedule.stopped and schedule.epoch < schedule.plan.max_epochs,
@@ -338,6 +379,31 @@ def train_and_evaluate(config, workdir) -> dict:
   write_atomically(workdir / "summary.json", lambda p: p.write_text(json.dumps(summary, indent=2)))
   ckpts.close()
   return summary
+
+
+def resume_state(ckpts: checkpoint.Checkpoints, abstract_state, workdir: pathlib.Path):
+  """(epoch, state) of the newest intact latest checkpoint (damaged newer ones are set aside with a warning)."""
+  try:
+    return ckpts.restore_newest(abstract_state)
+  except checkpoint.DamagedCheckpoint as e:
+    raise TrainingError(f"no checkpoint of {workdir} can be restored ({e}); pass --overwrite to start over") from e
+  except checkpoint.IncompatibleCheckpoint as e:
+    raise TrainingError(f"the checkpoints of {workdir} hold another model than this config builds ({e}); use a new "
+                        f"--workdir or pass --overwrite") from e
+
+
+def model_entries(source, abstract_state, init_from) -> dict:
+  """{"params", "batch_stats"} of the finished run `source` (from `finished_run`), shapes checked."""
+  ckpts, epoch, from_best, _ = source
+  try:
+    restored = ckpts.restore_state(epoch, abstract_state, from_best)
+  except checkpoint.IncompatibleCheckpoint as e:
+    raise TrainingError(f"--init_from={init_from}: its model does not fit this config ({e}); use that run's model "
+                        f"sizes (model.*), input dimensions (rep_dim) and batch categories") from e
+  except checkpoint.DamagedCheckpoint as e:
+    raise TrainingError(f"--init_from={init_from}: {e}") from e
+  ckpts.close()
+  return {"params": restored.params, "batch_stats": restored.batch_stats}
 
 
 def clean_workdir(workdir: pathlib.Path):

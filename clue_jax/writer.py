@@ -8,6 +8,14 @@ import pathlib
 from tensorboardX import SummaryWriter
 
 
+class OutputError(RuntimeError):
+  """An output cannot be written (full disk, permissions); the message names the path."""
+
+  def __init__(self, path, error: OSError):
+    super().__init__(f"cannot write {path}: {error.strerror or error}. Free disk space (or fix the permissions) and "
+                     f"run the same command again: a run resumes from its last complete checkpoint")
+
+
 class MetricWriter:
   def __init__(self, workdir: pathlib.Path):
     self.path = workdir / "metrics.jsonl"
@@ -16,10 +24,13 @@ class MetricWriter:
   def write(self, record: dict):
     """Appends one record (a whole line, flushed and synced) and logs its numeric entries as scalars."""
     clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
-    with open(self.path, "a") as f:
-      f.write(json.dumps(clean) + "\n")
-      f.flush()
-      os.fsync(f.fileno())
+    try:
+      with open(self.path, "a") as f:
+        f.write(json.dumps(clean) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    except OSError as e:  # A partial line left behind is dropped by `truncate_after` on resume.
+      raise OutputError(self.path, e) from e
     step = record["epoch"]
     for key, value in record.items():
       if "/" in key and isinstance(value, (int, float)) and value is not None:

@@ -1,9 +1,12 @@
 """Whole-loop tests on the embedded CITE starter with the tiny smoke config (4 fake devices)."""
 
+import errno
 import importlib.util
 import json
 import os
 import pathlib
+import re
+import shutil
 import signal
 import struct
 import subprocess
@@ -17,7 +20,7 @@ import pytest
 
 import jax
 
-from clue_jax import data, parallel, sampler, steps, trainer
+from clue_jax import data, parallel, sampler, steps, trainer, writer
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 EPOCHS = 4
@@ -165,24 +168,82 @@ def cli(workdir, *flags):
   return subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def test_killed_run_resumes_to_the_same_model(smoke_run, tmp_path):
-  workdir, _, _ = smoke_run
-  process = cli(tmp_path)
-  first = tmp_path / "checkpoints" / "latest" / "1"
-  while not first.exists() and process.poll() is None:
-    time.sleep(0.01)
+def completed_epochs(workdir) -> list:
+  latest = workdir / "checkpoints" / "latest"
+  return sorted(int(p.name) for p in latest.iterdir() if p.name.isdigit()) if latest.exists() else []
+
+
+def run_until_killed(workdir, records: int, delay: float):
+  """Runs the CLI in `workdir` and SIGKILLs it `delay` s after metrics.jsonl holds `records` lines.
+
+  A record is written just before its epoch's checkpoint, so short delays tend to land inside a checkpoint save.
+  """
+  process = cli(workdir)
+  metrics = workdir / "metrics.jsonl"
+  while process.poll() is None and (not metrics.exists() or metrics.read_text().count("\n") < records):
+    time.sleep(0.005)
+  time.sleep(delay)
   process.send_signal(signal.SIGKILL)
-  process.wait()
-  killed_at = max(int(p.name) for p in (tmp_path / "checkpoints" / "latest").iterdir() if p.name.isdigit())
-  assert killed_at < EPOCHS, "the run finished before it could be killed"
+  assert process.wait() == -signal.SIGKILL, "the run finished before it could be killed"
+
+
+def test_run_killed_twice_resumes_to_the_same_model(smoke_run, tmp_path):
+  """SIGKILL at two seeded random moments, then a resumed run ends bitwise where the uninterrupted one did."""
+  workdir, _, _ = smoke_run
+  rng = np.random.default_rng(7)
+  first = int(rng.integers(1, EPOCHS - 1))
+  for records in (first, int(rng.integers(first + 1, EPOCHS))):
+    run_until_killed(tmp_path, records, float(rng.uniform(0.0, 0.3)))
+  kept = completed_epochs(tmp_path)
   resumed = cli(tmp_path)
   out, err = resumed.communicate(timeout=600)
   assert resumed.returncode == 0, err
-  assert f"Resuming {tmp_path} from epoch {killed_at}" in out
+  if kept:
+    assert f"Resuming {tmp_path} from epoch {kept[-1]}" in out
   records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
   assert [r["epoch"] for r in records] == list(range(1, EPOCHS + 1))
   # Same data order, same keys: the resumed run ends exactly where the uninterrupted one does.
   assert_trees_close(saved_params(tmp_path, EPOCHS), saved_params(workdir, EPOCHS), atol=0)
+
+
+def flip_state_bytes(step_dir):
+  """Inverts 64 bytes in the middle of every data file of a checkpoint step's state (Orbax's OCDBT store)."""
+  for target in (step_dir / "state").glob("**/d/*"):
+    raw = bytearray(target.read_bytes())
+    middle = len(raw) // 2
+    raw[middle:middle + 64] = bytes(b ^ 0xFF for b in raw[middle:middle + 64])
+    target.write_bytes(bytes(raw))
+
+
+def test_damaged_last_checkpoint_falls_back_to_the_previous_one(smoke_run, tmp_path):
+  """The last checkpoint damaged, a save cut by a kill and a cut metrics line: the run warns, resumes from the
+  checkpoint before, and still ends bitwise where the uninterrupted run did."""
+  workdir, config, _ = smoke_run
+  run = tmp_path / "run"
+  shutil.copytree(workdir, run)
+  flip_state_bytes(run / "checkpoints" / "latest" / str(EPOCHS))
+  shutil.copytree(run / "checkpoints" / "latest" / str(EPOCHS - 1),
+                  run / "checkpoints" / "latest" / f"{EPOCHS + 1}.orbax-checkpoint-tmp")
+  with open(run / "metrics.jsonl", "a") as f:
+    f.write('{"epoch": 5, "train/lo')
+  with pytest.warns(UserWarning, match=rf"latest/{EPOCHS} cannot be read \(ValueError: .*OCDBT.*\); skipped it "
+                                       rf"\(moved to .*damaged/latest-{EPOCHS}\)"):
+    trainer.train_and_evaluate(config, run)
+  assert completed_epochs(run) == [EPOCHS - 1, EPOCHS]
+  records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+  assert [r["epoch"] for r in records] == list(range(1, EPOCHS + 1))
+  assert_trees_close(saved_params(run, EPOCHS), saved_params(workdir, EPOCHS), atol=0)
+
+
+def test_every_checkpoint_unreadable_is_a_clear_error(smoke_run, tmp_path):
+  workdir, config, _ = smoke_run
+  run = tmp_path / "run"
+  shutil.copytree(workdir, run)
+  for epoch in completed_epochs(run):
+    (run / "checkpoints" / "latest" / str(epoch) / "meta" / "metadata").write_text("{cut")
+  with pytest.warns(UserWarning), pytest.raises(trainer.TrainingError,
+                                                match=r"no checkpoint in .*latest can be read .*pass --overwrite"):
+    trainer.train_and_evaluate(config, run)
 
 
 def test_cli_reports_bad_input_without_a_traceback(tmp_path):
@@ -190,6 +251,50 @@ def test_cli_reports_bad_input_without_a_traceback(tmp_path):
   _, err = process.communicate(timeout=120)
   assert process.returncode == 1
   assert "missing.h5ad: no such file (data.modalities.rna.path)" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("flag, message", [
+    ("--config.train.batchsize=3", "error: --config.train.batchsize: no such config key 'batchsize' (did you mean "
+                                   "'batch_size'?). Every config key is in clue_jax/config.py"),
+    ("--config.train.batch_size=abc", "error: flag --config.train.batch_size=abc: invalid literal for int() with "
+                                      "base 10: 'abc'. Every config key, its type and default are in"),
+], ids=["unknown_key", "wrong_type"])
+def test_cli_reports_bad_config_flags_in_one_line(tmp_path, flag, message):
+  process = cli(tmp_path, flag)
+  _, err = process.communicate(timeout=120)
+  assert process.returncode == 1 and message in err and "Traceback" not in err, err
+
+
+def test_init_from_starts_from_a_finished_runs_parameters(smoke_run, tmp_path, capsys):
+  workdir, _, summary = smoke_run
+  epoch = summary["restored_epoch"]
+  config = load_config(lr=1e-9)  # Tiny steps: the new run's parameters stay where the finished run's ended.
+  config.train.max_epochs = 1
+  trainer.train_and_evaluate(config, tmp_path, init_from=workdir)
+  assert f"Starting from the parameters of {workdir} (epoch {epoch})." in capsys.readouterr().out
+  kind = "best" if (workdir / "checkpoints" / "best" / str(epoch)).exists() else "latest"
+  assert_trees_close(saved_params(tmp_path, 1), saved_params(workdir, epoch, kind), atol=1e-6)
+
+
+def test_init_from_needs_a_finished_run_with_the_same_shapes(smoke_run, tmp_path):
+  workdir, _, _ = smoke_run
+  with pytest.raises(trainer.TrainingError, match=r"--init_from=.*nothing: no finished run there \(no summary.json\)"):
+    trainer.train_and_evaluate(load_config(), tmp_path / "a", init_from=tmp_path / "nothing")
+  config = load_config()
+  config.model.latent_dim = 4
+  with pytest.raises(trainer.TrainingError, match=r"--init_from=.*: its model does not fit this config \(\d+ model "
+                                                  r"arrays differ in shape, e.g. params/\S+: \(\d+, \d+\) saved, "
+                                                  r"\(\d+, \d+\) now"):
+    trainer.train_and_evaluate(config, tmp_path / "b", init_from=workdir)
+
+
+def test_full_disk_is_a_clear_error(tmp_path, monkeypatch):
+  def no_space(*args, **kwargs):
+    raise OSError(errno.ENOSPC, "No space left on device")
+  monkeypatch.setattr(pathlib.Path, "write_text", no_space)
+  with pytest.raises(writer.OutputError, match=rf"cannot write {re.escape(str(tmp_path / 'config.json'))}: No space "
+                                               rf"left on device. Free disk space"):
+    trainer.train_and_evaluate(load_config(), tmp_path)
 
 
 def test_workdir_with_another_run_is_refused(smoke_run):
