@@ -312,3 +312,24 @@ def test_non_finite_loss_stops_with_a_clear_message(tmp_path):
   epochs = sorted(int(p.name) for p in latest.iterdir() if p.name.isdigit()) if latest.exists() else []
   for value in jax.tree.leaves(saved_params(tmp_path, epochs[-1])) if epochs else []:
     assert np.isfinite(np.asarray(value)).all()
+
+
+def test_non_finite_loss_names_the_last_good_checkpoint(smoke_run, tmp_path, monkeypatch):
+  """A non-finite step after a checkpoint: the message names the epoch, step, term and that checkpoint."""
+  workdir, config, _ = smoke_run
+  run = tmp_path / "run"
+  shutil.copytree(workdir, run)
+  shutil.rmtree(run / "checkpoints" / "latest" / str(EPOCHS))  # Resume from EPOCHS - 1, run epoch EPOCHS again.
+  measured = trainer.per_step_values
+
+  def third_step_not_finite(measurements):
+    values = measured(measurements)
+    values["finite"][2], values["gen"][2] = 0, np.nan
+    return values
+
+  monkeypatch.setattr(trainer, "per_step_values", third_step_not_finite)
+  latest = re.escape(str(run / "checkpoints" / "latest"))
+  with pytest.raises(trainer.TrainingError, match=rf"non-finite loss in epoch {EPOCHS}, step 3 of \d+ \(global step "
+                                                  rf"\d+\): gen=nan\. .* the last good checkpoint is epoch "
+                                                  rf"{EPOCHS - 1} in {latest}\. Lower train.lr"):
+    trainer.train_and_evaluate(config, run)
