@@ -17,8 +17,8 @@ import jax
 import numpy as np
 import pandas as pd
 
-from clue_jax import checkpoint, config as config_lib, data, losses, metrics, parallel, progress, sampler
-from clue_jax import schedule as schedule_lib
+from clue_jax import checkpoint, config as config_lib, data, device_data, losses, metrics, parallel, progress
+from clue_jax import sampler, schedule as schedule_lib
 from clue_jax import steps, training_eval, writer
 from clue_jax.model import CLUE, ModalitySpec
 
@@ -233,6 +233,42 @@ def validate(eval_fn, state, dataset, epoch_rows: sampler.EpochRows, batch_size,
   return {k: v / count for k, v in totals.items()}
 
 
+def make_epoch_runner(config, model: CLUE, weights: losses.Weights, dataset: data.Dataset, mesh):
+  """`run(state, epoch_rows, n_steps, key, lr, noise) -> (state, per-chunk measurements)` for one epoch.
+
+  With `train.data_on_device` the dataset lives on the devices and each step gathers its minibatch there (one
+  explicit copy of row indices per epoch); otherwise the host densifies and sends every chunk of steps.
+  """
+  normalize_u, per = config.model.normalize_u, config.train.steps_per_dispatch
+  batch_size, replicated = config.train.batch_size, parallel.replicated(mesh)
+  chunk_sharding = parallel.batch_sharding(mesh, batch_axis=1)
+  if config.train.data_on_device:
+    n_features = {n: m.counts.shape[1] for n, m in dataset.modalities.items()}
+    arrays = parallel.put(device_data.host_arrays(dataset), replicated)
+    chunk_fn = jax.jit(steps.make_device_train_chunk(model, weights, normalize_u, n_features), donate_argnums=0)
+
+    def chunks(rows, n_steps):
+      return [(arrays, c) for c in parallel.put(device_data.epoch_chunks(rows, n_steps, batch_size, per),
+                                                chunk_sharding)]
+  else:
+    chunk_fn = jax.jit(steps.make_train_chunk(model, weights, normalize_u), donate_argnums=0)
+
+    def chunks(rows, n_steps):
+      for first in range(0, n_steps, per):
+        host = data.steps_chunk(dataset, rows, first, min(per, n_steps - first), batch_size)
+        yield (parallel.put(host, chunk_sharding),)
+
+  def run(state, rows, n_steps, key, lr, noise):
+    scalars = jax.device_put((key, np.float32(lr), np.float32(noise)), replicated)
+    measurements = []
+    for inputs in chunks(rows, n_steps):
+      state, measured = chunk_fn(state, *inputs, *scalars)
+      measurements.append(measured)
+    return state, measurements
+
+  return run
+
+
 def train_and_evaluate(config, workdir, init_from=None) -> dict:
   """Trains CLUE as `config` says, writing everything under `workdir`; returns a summary.
 
@@ -249,7 +285,6 @@ def train_and_evaluate(config, workdir, init_from=None) -> dict:
   parallel.check_batch_size(config.train.batch_size, mesh)
   state_sharding = parallel.replicated(mesh)
   batch_sharding = parallel.batch_sharding(mesh)
-  chunk_sharding = parallel.batch_sharding(mesh, batch_axis=1)
 
   # Input (with the features and preprocessing of the run being resumed or fine-tuned from, if any).
   saved, source = None, None
@@ -293,14 +328,13 @@ def train_and_evaluate(config, workdir, init_from=None) -> dict:
 
   # Steps.
   normalize_u = config.model.normalize_u
-  train_chunk = jax.jit(steps.make_train_chunk(model, weights, normalize_u), donate_argnums=0)
+  train_epoch = make_epoch_runner(config, model, weights, dataset, mesh)
   eval_fn = jax.jit(steps.make_eval_step(model, weights, normalize_u))
   encoder = Encoder(model, dataset, mesh)
   periodic_eval = training_eval.PeriodicEvaluation(config, dataset, encoder)
   meta, tree = run_meta(config, dataset), preprocess_tree(dataset)
   metric_writer = writer.MetricWriter(workdir)
   bar = progress.ProgressBar(schedule.plan.max_epochs, enabled=config.train.progress)
-  steps_per_dispatch = config.train.steps_per_dispatch
   n_params = steps.count_params(state.params)
   last_save = -math.inf  # The first epoch is always checkpointed.
 
@@ -312,12 +346,7 @@ def train_and_evaluate(config, workdir, init_from=None) -> dict:
     rows = sampler.epoch_rows(dataset.pairing, dataset.train_ids, np.random.default_rng([config.seed, epoch, 0]),
                               batch_size, drop_last=True)
     n_steps = len(rows.valid) // batch_size
-    measurements = []
-    for first in range(0, n_steps, steps_per_dispatch):
-      chunk = data.steps_chunk(dataset, rows, first, min(steps_per_dispatch, n_steps - first), batch_size)
-      state, measured = train_chunk(state, parallel.put(chunk, chunk_sharding), step_key,
-                                    np.float32(schedule.lr), np.float32(noise))
-      measurements.append(measured)
+    state, measurements = train_epoch(state, rows, n_steps, step_key, schedule.lr, noise)
     values = per_step_values(measurements)
     finite = values["finite"]
     train_terms = {k: float(v.mean()) for k, v in values.items() if k != "finite"}

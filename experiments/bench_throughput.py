@@ -6,8 +6,9 @@
 Default shape: the reference's benchmark preset (benchmark.md §B): 3,000 fully paired synthetic cells, NB counts of
 2,000 + 100 features, 2 batches, 100-d encoder inputs, batch 128, library-default model. Reports
 
-  * train-step cells/s on device-resident chunks (compile excluded), and end-to-end cells/s of the trainer's loop
-    (host minibatch densification + transfer + steps) over whole epochs;
+  * train-step cells/s on device-resident chunks (compile excluded), and end-to-end cells/s of the trainer's epoch
+    loop (`trainer.make_epoch_runner`: minibatches gathered on the devices, or densified on the host with
+    --host-data) over whole epochs;
   * model FLOPs per training cell (XLA's cost analysis of the compiled chunk) and the achieved fraction of the
     measured f32 matmul FLOP/s;
   * with --ref-python (a venv with scglue, see reference_scglue.py), the reference's cells/s measured in the same
@@ -63,6 +64,7 @@ def bench_config(paths: dict, args) -> config_lib.ml_collections.ConfigDict:
   config.train.batch_size = args.batch_size
   config.train.num_devices = args.devices
   config.train.steps_per_dispatch = args.steps_per_dispatch
+  config.train.data_on_device = not args.host_data
   return config
 
 
@@ -115,15 +117,17 @@ def measure(config, epochs: int) -> dict:
   device_seconds = time.perf_counter() - started
   step_cells_per_s = repeats * per_dispatch * batch_size / device_seconds
 
+  # The trainer's own epoch loop (data on the devices unless --host-data), compiled by a first epoch.
+  run_epoch = trainer.make_epoch_runner(config, model, weights, dataset, mesh)
+  epoch_rows = sampler.epoch_rows(dataset.pairing, dataset.train_ids, rng, batch_size, drop_last=True)
+  state, _ = run_epoch(state, epoch_rows, n_steps, key, lr, noise)
+  jax.block_until_ready(state)
   started = time.perf_counter()
   for epoch in range(epochs):
     epoch_rows = sampler.epoch_rows(dataset.pairing, dataset.train_ids, rng, batch_size, drop_last=True)
-    for first in range(0, n_steps - n_steps % per_dispatch, per_dispatch):
-      state, measured = train_chunk(state, parallel.put(chunk_at(epoch_rows, first, per_dispatch), chunk_sharding),
-                                    key, lr, noise)
+    state, measured = run_epoch(state, epoch_rows, n_steps, key, lr, noise)
   jax.block_until_ready(state)
-  loop_cells = epochs * (n_steps - n_steps % per_dispatch) * batch_size
-  loop_cells_per_s = loop_cells / (time.perf_counter() - started)
+  loop_cells_per_s = epochs * n_steps * batch_size / (time.perf_counter() - started)
   return {"devices": int(mesh.devices.size), "n_params": steps.count_params(state.params),
           "flops_per_cell": flops_per_cell, "step_cells_per_s": step_cells_per_s,
           "loop_cells_per_s": loop_cells_per_s}
@@ -144,6 +148,7 @@ def main():
   parser.add_argument("--devices", type=int, default=0, help="0 = all visible devices")
   parser.add_argument("--steps-per-dispatch", type=int, default=8)
   parser.add_argument("--epochs", type=int, default=5)
+  parser.add_argument("--host-data", action="store_true", help="densify minibatches on the host (no data on device)")
   parser.add_argument("--preset", choices=["defaults", "competition_cite"], default="defaults")
   parser.add_argument("--ref-python", help="python of a venv with scglue: also measure the reference")
   args = parser.parse_args()
