@@ -19,16 +19,19 @@ from absl import app, flags
 
 from clue_jax import evaluation, plots, run_outputs, trainer, writer
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "Directory of a finished training run.")
-_DATA = flags.DEFINE_multi_string("data", [], "An .h5ad whose obs (e.g. cell types) annotate the run's cells, "
-                                  "matched by obs_names; repeatable.")
-_LABEL_KEY = flags.DEFINE_string("label_key", None, "obs column of cell types; '' for none.")
-_BATCH_KEY = flags.DEFINE_string("batch_key", None, "obs column of batches; '' for none.")
-_EXPRESSION = flags.DEFINE_string("expression", None, "An .h5ad of log-normalised gene expression (X, human gene "
-                                  "symbols as var_names) of the run's cells, for the cell-cycle score.")
-_MAX_CELLS = flags.DEFINE_integer("max_cells", 0, "Score a seeded random subset of this many cells (0 = all).")
-_PLOTS = flags.DEFINE_bool("plots", False, "Also write DIR/plots/*.png.")
-flags.mark_flags_as_required(["workdir"])
+
+def define_flags():
+  """The command line (defined only when run as a program: importing this module defines no flags)."""
+  flags.DEFINE_string("workdir", None, "Directory of a finished training run.")
+  flags.DEFINE_multi_string("data", [], "An .h5ad whose obs (e.g. cell types) annotate the run's cells, "
+                            "matched by obs_names; repeatable.")
+  flags.DEFINE_string("label_key", None, "obs column of cell types; '' for none.")
+  flags.DEFINE_string("batch_key", None, "obs column of batches; '' for none.")
+  flags.DEFINE_string("expression", None, "An .h5ad of log-normalised gene expression (X, human gene "
+                      "symbols as var_names) of the run's cells, for the cell-cycle score.")
+  flags.DEFINE_integer("max_cells", 0, "Score a seeded random subset of this many cells (0 = all).")
+  flags.DEFINE_bool("plots", False, "Also write DIR/plots/*.png.")
+  flags.mark_flags_as_required(["workdir"])
 
 
 class EvaluateError(ValueError):
@@ -105,14 +108,15 @@ def run(workdir, data_paths=(), label_key=None, batch_key=None, expression_path=
 def main(argv):
   del argv
   try:
-    result = run(_WORKDIR.value, _DATA.value, _LABEL_KEY.value, _BATCH_KEY.value, _EXPRESSION.value,
-                 _MAX_CELLS.value, _PLOTS.value)
+    f = flags.FLAGS
+    result = run(f.workdir, f.data, f.label_key, f.batch_key, f.expression, f.max_cells, f.plots)
   except (EvaluateError, run_outputs.RunOutputsError, writer.OutputError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(1)
   print(json.dumps(result, indent=2))
-  print(f"wrote {pathlib.Path(_WORKDIR.value) / 'eval.json'}", file=sys.stderr)
+  print(f"wrote {pathlib.Path(flags.FLAGS.workdir) / 'eval.json'}", file=sys.stderr)
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

@@ -168,12 +168,11 @@ def generator_objective(clue: CLUE, batch, key, noise_scale, weights: Weights, n
 
   terms = {}
   for name in names:
-    # 1-4. Self reconstruction over all rows (random fills included); joint-cross: the joint embedding decodes
-    # every observed modality (library from the target's encoder); real-cross (v0.3.2+ semantics): rows observed
-    # in both, the source encoder's library estimate for the target.
-    sources = [s for s in names if s != name]
+    # 1. Self reconstruction over all rows (random fills included); 3. joint-cross: the joint embedding decodes
+    # every observed modality (library from the target's encoder); 4. real-cross (v0.3.2+ semantics): rows observed
+    # in both, the source encoder's library estimate for the target. 2. The per-feature KL.
     passes = ([(u[name], name, valid), (joint, name, masks[name])]
-              + [(u[s], s, masks[s] * masks[name]) for s in sources])
+              + [(u[s], s, masks[s] * masks[name]) for s in names if s != name])
     nlls = decoder_nlls(name, passes)
     terms[f"self_{name}"] = nlls[0]
     terms[f"kl_{name}"] = masked_mean(gaussian_kl(locs[name], stds[name]), valid) / specs[name].n_features

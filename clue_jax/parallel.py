@@ -1,7 +1,7 @@
 """The one sharding story: a 1-D mesh with axis "data"; state replicated, batches split on their batch axis.
 
-Under `jax.jit` with these shardings, BatchNorm statistics and losses are global over the batch and dropout masks
-do not depend on the device count (threefry is partitionable), so 1, 2, 4, ... devices train the same model.
+Under `jax.jit` with these shardings, BatchNorm statistics and losses are global over the batch and random draws
+depend only on the key and each element's global index (`rng.py`), so 1, 2, 4, ... devices train the same model.
 """
 
 import jax

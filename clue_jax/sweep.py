@@ -21,11 +21,15 @@ import ml_collections
 
 from clue_jax import config as config_lib, config_files, grid, sweep_report
 
-_CONFIG = flags.DEFINE_string("config", None, "Config file with get_config() and get_sweep() "
-                              "(configs/ablations/pbmc.py:competition passes an argument to get_config).")
-_WORKDIR = flags.DEFINE_string("workdir", None, "Sweep directory: one run directory per point, and the summaries.")
-_PARALLEL = flags.DEFINE_integer("parallel", 1, "Points trained at the same time.", lower_bound=1)
-flags.mark_flags_as_required(["config", "workdir"])
+
+def define_flags():
+  """The command line (defined only when run as a program: importing this module defines no flags)."""
+  flags.DEFINE_string("config", None, "Config file with get_config() and get_sweep() "
+                      "(configs/ablations/pbmc.py:competition passes an argument to get_config).")
+  flags.DEFINE_string("workdir", None, "Sweep directory: one run directory per point, and the summaries.")
+  flags.DEFINE_integer("parallel", 1, "Points trained at the same time.", lower_bound=1)
+  flags.mark_flags_as_required(["config", "workdir"])
+
 
 COMPILE_CACHE = ".jax_cache"  # Under WORKDIR, shared by the points unless JAX_COMPILATION_CACHE_DIR is set.
 QUIET = {"train.progress": False}  # Passed to every run unless its point sets it: no progress bar in the logs.
@@ -152,9 +156,9 @@ def run_sweep(spec: str, workdir: pathlib.Path, parallel: int, log=print) -> lis
 
 def main(argv):
   del argv
-  workdir = pathlib.Path(_WORKDIR.value)
+  workdir = pathlib.Path(flags.FLAGS.workdir)
   try:
-    results = run_sweep(_CONFIG.value, workdir, _PARALLEL.value, log=lambda line: print(line, flush=True))
+    results = run_sweep(flags.FLAGS.config, workdir, flags.FLAGS.parallel, log=lambda line: print(line, flush=True))
   except (grid.GridError, config_lib.ConfigError, FileNotFoundError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(1)
@@ -167,4 +171,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)
