@@ -70,14 +70,14 @@ def state_digest(state) -> str:
   return digest.hexdigest()
 
 
+def _leaf_name(path) -> str:
+  return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
+
+
 def _named_leaves(tree) -> dict:
   """{"params/encoder/Dense_0/kernel": leaf} for the model entries (params, batch_stats) of a state."""
-  out = {}
-  for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
-    names = [str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path]
-    if names[0] in MODEL_KEYS:
-      out["/".join(names)] = leaf
-  return out
+  return {_leaf_name(path): leaf for path, leaf in jax.tree_util.tree_leaves_with_path(tree)
+          if _leaf_name(path[:1]) in MODEL_KEYS}
 
 
 class Checkpoints:
@@ -152,6 +152,20 @@ class Checkpoints:
               if k not in saved or k not in wanted or tuple(saved[k].shape) != tuple(wanted[k].shape)]
     if differ:
       raise IncompatibleCheckpoint(f"{len(differ)} model arrays differ in shape, e.g. {'; '.join(differ[:3])}")
+
+  def saved_shapes(self, epoch: int, abstract_state, from_best: bool = False):
+    """`abstract_state` with every leaf's shape as saved in `epoch`: the restore target of a checkpoint of the same
+    kind of model with other sizes (e.g. fewer batch categories, for `clue_jax.adopt`)."""
+    saved = {_leaf_name(path): leaf for path, leaf in
+             jax.tree_util.tree_leaves_with_path(self._manager_for(from_best).item_metadata(epoch)["state"])}
+
+    def with_saved_shape(path, leaf):
+      name = _leaf_name(path)
+      if name not in saved:
+        raise IncompatibleCheckpoint(f"{name} is not in the checkpoint of epoch {epoch}")
+      return jax.ShapeDtypeStruct(tuple(saved[name].shape), leaf.dtype, sharding=leaf.sharding)
+
+    return jax.tree_util.tree_map_with_path(with_saved_shape, abstract_state)
 
   def restore_state(self, epoch: int, abstract_state, from_best: bool = False):
     """The train state of `epoch`, placed as `abstract_state` (ShapeDtypeStructs with shardings) says.

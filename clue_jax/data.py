@@ -339,6 +339,15 @@ def apply_representation(raw: RawModality, name: str, state: dict):
   return preprocess.transform_lsi(fitted, source).astype(np.float32)
 
 
+def grown_categories(raw: RawModality, categories: tuple) -> tuple:
+  """`categories` followed by the batches of `raw`'s cells that are not among them (sorted)."""
+  key = raw.spec.batch_key
+  if not key or key not in raw.adata.obs:
+    return tuple(categories)  # build_modality names a missing column.
+  seen = {str(v) for v in raw.adata.obs[key].dropna().unique()}
+  return tuple(categories) + tuple(sorted(seen - set(categories)))
+
+
 def build_modality(name: str, raw: RawModality, state: dict, batch_categories, label_categories) -> Modality:
   spec, adata = raw.spec, raw.adata
   n = adata.n_obs
@@ -385,11 +394,12 @@ def check_pairs(pairing: sampler.Pairing, raws: dict, pair_by: str):
                     f"--config.data.pair_by=none to train on unpaired cells")
 
 
-def load_dataset(config, saved: dict | None = None) -> Dataset:
+def load_dataset(config, saved: dict | None = None, new_batches: bool = False) -> Dataset:
   """Reads, checks, pairs, splits and preprocesses every modality of `config.data`.
 
   `saved` (from a checkpoint) supplies the features, fitted preprocessing and categories of a trained model instead
-  of choosing and fitting them anew; the data's features are matched to it by name.
+  of choosing and fitting them anew; the data's features are matched to it by name. `new_batches` (fine-tuning)
+  appends batch categories the saved model never saw, in sorted order, instead of refusing them.
   """
   names = modality_order(config)
   if len(names) < 2:
@@ -418,6 +428,8 @@ def load_dataset(config, saved: dict | None = None) -> Dataset:
     if saved:
       state = saved["preprocess"][name]
       batch_categories = saved["batch_categories"][name]
+      if new_batches:
+        batch_categories = grown_categories(raws[name], batch_categories)
     else:
       if rows.size == 0:
         raise DataError(f"{raws[name].path}: no cell of modality {name!r} lands in the training split; lower "

@@ -17,7 +17,7 @@ import jax
 import numpy as np
 import pandas as pd
 
-from clue_jax import checkpoint, config as config_lib, data, device_data, losses, metrics, parallel, progress
+from clue_jax import adopt, checkpoint, config as config_lib, data, device_data, losses, metrics, parallel, progress
 from clue_jax import sampler, schedule as schedule_lib
 from clue_jax import steps, training_eval, writer
 from clue_jax.model import CLUE, ModalitySpec
@@ -293,7 +293,7 @@ def train_and_evaluate(config, workdir, init_from=None) -> dict:
   elif init_from is not None:
     source = finished_run(pathlib.Path(init_from), config)
     saved = source[3]
-  dataset = data.load_dataset(config, saved)
+  dataset = data.load_dataset(config, saved, new_batches=source is not None)
   model = model_from(config, dataset)
   weights = loss_weights(config, dataset.names)
   batch_size = config.train.batch_size
@@ -319,9 +319,9 @@ def train_and_evaluate(config, workdir, init_from=None) -> dict:
     writer.truncate_after(workdir / "metrics.jsonl", latest)
     print(f"Resuming {workdir} from epoch {latest}.", flush=True)
   else:
-    entries = {} if source is None else model_entries(source, abstract_state, init_from)
-    state = init(init_key, example).replace(**entries)
+    state = init(init_key, example)
     if source is not None:
+      state = state.replace(**adopted_model(source, state, abstract_state, init_from, dataset, config))
       print(f"Starting from the parameters of {init_from} (epoch {source[1]}).", flush=True)
     schedule = schedule_lib.Schedule(plan=plan, lr=config.train.lr)
     writer.truncate_after(workdir / "metrics.jsonl", 0)
@@ -421,18 +421,25 @@ def resume_state(ckpts: checkpoint.Checkpoints, abstract_state, workdir: pathlib
                         f"--workdir or pass --overwrite") from e
 
 
-def model_entries(source, abstract_state, init_from) -> dict:
-  """{"params", "batch_stats"} of the finished run `source` (from `finished_run`), shapes checked."""
-  ckpts, epoch, from_best, _ = source
+def adopted_model(source, state, abstract_state, init_from, dataset: data.Dataset, config) -> dict:
+  """{"params", "batch_stats"} of the finished run `source` (from `finished_run`) in the freshly initialised `state`:
+  the same arrays, with rows for batches that run never saw kept fresh (`clue_jax.adopt`)."""
+  ckpts, epoch, from_best, saved = source
+  fix = "use that run's model sizes (model.*), encoder inputs and modalities"
   try:
-    restored = ckpts.restore_state(epoch, abstract_state, from_best)
-  except checkpoint.IncompatibleCheckpoint as e:
-    raise TrainingError(f"--init_from={init_from}: its model does not fit this config ({e}); use that run's model "
-                        f"sizes (model.*), input dimensions (rep_dim) and batch categories") from e
+    restored = ckpts.restore_state(epoch, ckpts.saved_shapes(epoch, abstract_state, from_best), from_best)
+    entries = adopt.adopt({"params": restored.params, "batch_stats": restored.batch_stats},
+                          {"params": state.params, "batch_stats": state.batch_stats},
+                          saved["batch_categories"], {n: m.batch_categories for n, m in dataset.modalities.items()},
+                          config.model.shared_batches)
+  except (checkpoint.IncompatibleCheckpoint, adopt.AdoptError) as e:
+    raise TrainingError(f"--init_from={init_from}: its model does not fit this config ({e}); {fix}") from e
   except checkpoint.DamagedCheckpoint as e:
     raise TrainingError(f"--init_from={init_from}: {e}") from e
-  ckpts.close()
-  return {"params": restored.params, "batch_stats": restored.batch_stats}
+  finally:
+    ckpts.close()
+  return jax.device_put(entries, jax.tree.map(lambda x: x.sharding, {"params": abstract_state.params,
+                                                                     "batch_stats": abstract_state.batch_stats}))
 
 
 def clean_workdir(workdir: pathlib.Path):

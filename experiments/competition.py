@@ -1,0 +1,165 @@
+"""The competition recipe on both starters, clue_jax beside the official baselines and the PyTorch reference.
+
+  python experiments/competition.py --out=runs/competition [--technologies=cite,multiome] [--seeds=5,6,7]
+      [--ref-python=/tmp/ref/bin/python]
+
+For each technology and seed, runs `configs/competition/<technology>.py` through `clue_jax.competition` (pretraining,
+transductive fine-tuning, all scores) in OUT/<technology>/seed_<seed>/. With --ref-python, the reference (scglue
+0.4.1, in its own virtualenv) runs the same recipe on the same files: the same cells and IDs, decoder features,
+encoder inputs (clue_jax's fitted preprocessing), model sizes, loss weights, seed, learning rates and epoch settings
+(`reference_competition.py`); its fine-tuned embeddings of the test cells are matched by the same SNN code and scored
+by the same metric. Prints one table of match_probability per subtask (mean and values over seeds) and writes
+OUT/results.json.
+"""
+
+import json
+import pathlib
+import subprocess
+import sys
+
+import anndata as ad
+import numpy as np
+from absl import app, flags, logging
+
+from clue_jax import api, competition, competition_data, config as config_lib, config_files, data, matching, metrics
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+_OUT = flags.DEFINE_string("out", None, "Directory of the runs and results.json.")
+_TECHNOLOGIES = flags.DEFINE_list("technologies", ["cite", "multiome"], "Starters: configs/competition/<name>.py.")
+_SEEDS = flags.DEFINE_list("seeds", [], "Seeds (default: the config's seed only).")
+_REF_PYTHON = flags.DEFINE_string("ref_python", None, "Python of a venv with scglue 0.4.1 (runs the reference).")
+flags.mark_flags_as_required(["out"])
+
+
+def reference_hyper(config, finetune_config, summaries: dict) -> dict:
+  """reference_competition.py's hyper.json: the clue_jax config's sizes, weights, seed, and each stage's plan."""
+  mc, lc = config.model, config.loss
+  names = list(config.data.modalities)
+
+  def fit(plan: dict) -> dict:
+    return {k: int(plan[k]) for k in ("max_epochs", "align_burnin", "patience", "reduce_lr_patience")}
+
+  return {
+      "seed": int(config.seed),
+      "likelihoods": {n: config.data.modalities[n].likelihood for n in names},
+      "model": {"latent_dim": mc.latent_dim, "x2u_h_depth": mc.encoder_depth, "x2u_h_dim": mc.encoder_width,
+                "u2x_h_depth": mc.decoder_depth, "u2x_h_dim": mc.decoder_width,
+                "du_h_depth": mc.discriminator_depth, "du_h_dim": mc.discriminator_width, "dropout": mc.dropout,
+                "shared_batches": mc.shared_batches},
+      "compile": {"lam_data": lc.lam_data, "lam_kl": lc.lam_kl, "lam_align": lc.lam_align,
+                  "lam_joint_cross": lc.lam_joint_cross, "lam_real_cross": lc.lam_real_cross, "lam_cos": lc.lam_cos,
+                  "normalize_u": config.model.normalize_u},
+      "pretrain_lr": config.train.lr,
+      "finetune_lr": finetune_config.train.lr,
+      "pretrain_fit": fit(summaries["pretrain"]["plan"]),
+      "finetune_fit": fit(summaries["finetune"]["plan"]),
+  }
+
+
+def export_for_reference(workdir: pathlib.Path, names) -> dict:
+  """The stage files with only the decoder features and obsm["X_rep"] from the pretrained run's preprocessing."""
+  pretrained = api.load(workdir / "pretrain")
+  out = {}
+  for stage in ("pretrain", "finetune"):
+    out[stage] = {}
+    for name in names:
+      cells = ad.read_h5ad(workdir / "data" / f"{stage}_{name}.h5ad")
+      rep, _ = pretrained.encoder_inputs(cells, name, with_library=False)
+      exported = ad.AnnData(X=cells[:, pretrained.features(name)].layers["counts"], obs=cells.obs[["batch"]].copy())
+      exported.obs["batch"] = exported.obs["batch"].astype("category")
+      exported.layers["counts"] = exported.X
+      exported.obsm["X_rep"] = np.asarray(rep, np.float32)
+      out[stage][name] = workdir / "reference" / stage / f"{name}.h5ad"
+      out[stage][name].parent.mkdir(parents=True, exist_ok=True)
+      exported.write_h5ad(out[stage][name])
+  # One batch category list per stage, shared by its modalities (as the clue_jax run's).
+  for stage, paths in out.items():
+    adatas = {n: ad.read_h5ad(p) for n, p in paths.items()}
+    categories = sorted(set().union(*(set(a.obs["batch"].cat.categories) for a in adatas.values())))
+    if stage == "finetune":
+      known = list(ad.read_h5ad(out["pretrain"][names[0]]).obs["batch"].cat.categories)
+      categories = known + [c for c in categories if c not in known]
+    for name, adata in adatas.items():
+      adata.obs["batch"] = adata.obs["batch"].cat.set_categories(categories)
+      adata.write_h5ad(paths[name])
+  return out
+
+
+def reference_scores(workdir: pathlib.Path, config, comp, names) -> dict:
+  """Runs the reference's recipe on the exported files and scores its test-cell matching as clue_jax's."""
+  configs = competition.stage_configs(config, comp, {s: {n: "" for n in names} for s in ("pretrain", "finetune")})
+  summaries = {s: json.loads((workdir / s / "summary.json").read_text()) for s in ("pretrain", "finetune")}
+  paths = export_for_reference(workdir, names)
+  reference = workdir / "reference"
+  (reference / "hyper.json").write_text(json.dumps(reference_hyper(configs["pretrain"], configs["finetune"],
+                                                                   summaries), indent=2))
+  command = [_REF_PYTHON.value, str(ROOT / "experiments" / "reference_competition.py"), "--hyper",
+             str(reference / "hyper.json"), "--out", str(reference / "result.json"), "--embeddings",
+             str(reference / "embeddings.npz")]
+  for stage in ("pretrain", "finetune"):
+    for name in names:
+      command += [f"--{stage}-mod", f"{name}={paths[stage][name]}"]
+  if not (reference / "embeddings.npz").is_file():
+    subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
+  embeddings = np.load(reference / "embeddings.npz", allow_pickle=False)
+  files = competition_data.read_task(comp.match_modality, ("test_mod1", "test_mod2", "test_sol"))
+  solution = files["test_sol"].X
+  test = {}
+  for name, tag in zip(names, ("test-mod1-", "test-mod2-")):
+    ids = embeddings[f"{name}_obs_names"].astype(str)
+    rows = np.flatnonzero(np.char.startswith(ids, tag))
+    rows = rows[np.argsort([int(i[len(tag):]) for i in ids[rows]])]
+    batch = ad.read_h5ad(paths["finetune"][name]).obs["batch"].astype(str).to_numpy()[rows]
+    test[name] = (embeddings[name][rows], batch)
+  k = comp.match.get("k", 1)
+  forward = matching.snn_matching(test[names[0]][0], test[names[1]][0], k, test[names[0]][1], test[names[1]][1])
+  backward = matching.snn_matching(test[names[1]][0], test[names[0]][0], k, test[names[1]][1], test[names[0]][1])
+  types = tuple(competition_data.feature_type(files[f], f) for f in ("test_mod1", "test_mod2"))
+  result = json.loads((reference / "result.json").read_text())
+  return {competition.subtask(types): metrics.match_probability(forward, solution),
+          competition.subtask(types[::-1]): metrics.match_probability(backward, solution.T),
+          "epochs": {s: result[s]["epochs_run"] for s in ("pretrain", "finetune") if s in result}}
+
+
+def main(argv):
+  del argv
+  logging.set_verbosity(logging.WARNING)
+  out = pathlib.Path(_OUT.value)
+  results = {}
+  for technology in _TECHNOLOGIES.value:
+    module = config_files.load_module(ROOT / "configs" / "competition" / f"{technology}.py")
+    comp = module.get_competition()
+    seeds = [int(s) for s in _SEEDS.value] or [module.get_config().seed]
+    results[technology] = {}
+    for seed in seeds:
+      config = config_lib.apply_overrides(module.get_config(), {"seed": seed, "train.progress": False})
+      workdir = out / technology / f"seed_{seed}"
+      scores = competition.run(config, comp, workdir)
+      row = {"clue_jax": {k: v["match_probability"] for k, v in scores["match_modality"].items()},
+             "baseline": {k: v.get("baseline") for k, v in scores["match_modality"].items()}}
+      if _REF_PYTHON.value:
+        row["reference"] = reference_scores(workdir, config, comp, data.modality_order(config))
+      results[technology][seed] = row
+      print(json.dumps({technology: {seed: row}}), flush=True)
+  (out / "results.json").write_text(json.dumps(results, indent=2))
+  print(table(results))
+
+
+def table(results: dict) -> str:
+  lines = ["| starter | subtask | official baseline | clue_jax (mean, seeds) | reference (mean, seeds) |",
+           "|---|---|---|---|---|"]
+  for technology, by_seed in results.items():
+    rows = list(by_seed.values())
+    for subtask in rows[0]["clue_jax"]:
+      baseline = rows[0]["baseline"][subtask]
+      cells = []
+      for method in ("clue_jax", "reference"):
+        values = [r[method][subtask] for r in rows if method in r]
+        cells.append(f"{np.mean(values):.4f} ({', '.join(f'{v:.4f}' for v in values)})" if values else "-")
+      lines.append(f"| {technology} | {subtask} | {'-' if baseline is None else f'{baseline:.4f}'} | "
+                   f"{cells[0]} | {cells[1]} |")
+  return "\n".join(lines)
+
+
+if __name__ == "__main__":
+  app.run(main)
