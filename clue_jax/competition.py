@@ -62,9 +62,12 @@ def flat(group, prefix: str = "") -> dict:
 
 
 def train_stage(config, workdir: pathlib.Path, init_from=None) -> dict:
-  """Trains one stage unless its summary.json exists; returns the summary."""
-  summary = workdir / "summary.json"
-  if summary.is_file():
+  """Trains one stage unless it finished with the same config; returns the summary."""
+  summary, saved = workdir / "summary.json", workdir / "config.json"
+  if summary.is_file() and saved.is_file():
+    if trainer.comparable(json.loads(saved.read_text())) != trainer.comparable(config.to_dict()):
+      raise trainer.TrainingError(f"{workdir} holds a finished run with a different config (see {saved}); use a new "
+                                  f"--workdir")
     return json.loads(summary.read_text())
   return trainer.train_and_evaluate(config, workdir, init_from=init_from)
 

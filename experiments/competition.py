@@ -15,7 +15,6 @@ OUT/results.json.
 import json
 import pathlib
 import subprocess
-import sys
 
 import anndata as ad
 import numpy as np

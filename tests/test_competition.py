@@ -5,9 +5,8 @@ import pathlib
 import anndata as ad
 import numpy as np
 import pytest
-import scipy.sparse as sp
 
-from clue_jax import api, competition, competition_data, competition_files as cf, config_files, metrics
+from clue_jax import api, competition, competition_data, competition_files as cf, config_files, metrics, trainer
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
@@ -72,3 +71,6 @@ def test_both_stages_then_official_format_predictions_and_every_score(tmp_path):
   before = (tmp_path / "finetune" / "summary.json").stat().st_mtime_ns
   assert competition.run(config, comp, tmp_path)["match_modality"] == scores["match_modality"]
   assert (tmp_path / "finetune" / "summary.json").stat().st_mtime_ns == before
+  config.seed += 1
+  with pytest.raises(trainer.TrainingError, match=r"pretrain holds a finished run with a different config"):
+    competition.run(config, comp, tmp_path)
