@@ -8,8 +8,8 @@ transductive fine-tuning, all scores) in OUT/<technology>/seed_<seed>/. With --r
 0.4.1, in its own virtualenv) runs the same recipe on the same files: the same cells and IDs, decoder features,
 encoder inputs (clue_jax's fitted preprocessing), model sizes, loss weights, seed, learning rates and epoch settings
 (`reference_competition.py`); its fine-tuned embeddings of the test cells are matched by the same SNN code and scored
-by the same metric. Prints one table of match_probability per subtask (mean and values over seeds) and writes
-OUT/results.json.
+by the same metric, with SNN (the recipe's) and with Sinkhorn (`--epsilon`). Prints one table of match_probability per
+subtask and matching (mean and values over seeds) and writes OUT/results.json.
 """
 
 import json
@@ -27,6 +27,7 @@ _OUT = flags.DEFINE_string("out", None, "Directory of the runs and results.json.
 _TECHNOLOGIES = flags.DEFINE_list("technologies", ["cite", "multiome"], "Starters: configs/competition/<name>.py.")
 _SEEDS = flags.DEFINE_list("seeds", [], "Seeds (default: the config's seed only).")
 _REF_PYTHON = flags.DEFINE_string("ref_python", None, "Python of a venv with scglue 0.4.1 (runs the reference).")
+_EPSILON = flags.DEFINE_float("epsilon", 0.01, "Entropic regularisation of the Sinkhorn matching scored beside SNN.")
 flags.mark_flags_as_required(["out"])
 
 
@@ -84,40 +85,66 @@ def export_for_reference(workdir: pathlib.Path, names) -> dict:
   return out
 
 
-def reference_scores(workdir: pathlib.Path, config, comp, names) -> dict:
-  """Runs the reference's recipe on the exported files and scores its test-cell matching as clue_jax's."""
+def run_reference(workdir: pathlib.Path, config, comp, names) -> dict:
+  """Runs the reference's recipe on the exported files (once); returns the epochs each stage ran."""
   configs = competition.stage_configs(config, comp, {s: {n: "" for n in names} for s in ("pretrain", "finetune")})
   summaries = {s: json.loads((workdir / s / "summary.json").read_text()) for s in ("pretrain", "finetune")}
-  paths = export_for_reference(workdir, names)
   reference = workdir / "reference"
-  (reference / "hyper.json").write_text(json.dumps(reference_hyper(configs["pretrain"], configs["finetune"],
-                                                                   summaries), indent=2))
-  command = [_REF_PYTHON.value, str(ROOT / "experiments" / "reference_competition.py"), "--hyper",
-             str(reference / "hyper.json"), "--out", str(reference / "result.json"), "--embeddings",
-             str(reference / "embeddings.npz")]
-  for stage in ("pretrain", "finetune"):
-    for name in names:
-      command += [f"--{stage}-mod", f"{name}={paths[stage][name]}"]
   if not (reference / "embeddings.npz").is_file():
+    paths = export_for_reference(workdir, names)
+    (reference / "hyper.json").write_text(json.dumps(reference_hyper(configs["pretrain"], configs["finetune"],
+                                                                     summaries), indent=2))
+    command = [_REF_PYTHON.value, str(ROOT / "experiments" / "reference_competition.py"), "--hyper",
+               str(reference / "hyper.json"), "--out", str(reference / "result.json"), "--embeddings",
+               str(reference / "embeddings.npz")]
+    for stage in ("pretrain", "finetune"):
+      for name in names:
+        command += [f"--{stage}-mod", f"{name}={paths[stage][name]}"]
     subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
-  embeddings = np.load(reference / "embeddings.npz", allow_pickle=False)
-  files = competition_data.read_task(comp.match_modality, ("test_mod1", "test_mod2", "test_sol"))
-  solution = files["test_sol"].X
-  test = {}
+  result = json.loads((reference / "result.json").read_text())
+  return {s: result[s]["epochs_run"] for s in ("pretrain", "finetune") if s in result}
+
+
+def test_cells(workdir: pathlib.Path, names) -> dict:
+  """{modality: (fine-tuning file rows of the test cells in task-file order, their batches)}."""
+  out = {}
   for name, tag in zip(names, ("test-mod1-", "test-mod2-")):
-    ids = embeddings[f"{name}_obs_names"].astype(str)
+    obs = ad.read_h5ad(workdir / "data" / f"finetune_{name}.h5ad", backed="r").obs
+    ids = obs.index.to_numpy(str)
     rows = np.flatnonzero(np.char.startswith(ids, tag))
     rows = rows[np.argsort([int(i[len(tag):]) for i in ids[rows]])]
-    batch = ad.read_h5ad(paths["finetune"][name]).obs["batch"].astype(str).to_numpy()[rows]
-    test[name] = (embeddings[name][rows], batch)
-  k = comp.match.get("k", 1)
-  forward = matching.snn_matching(test[names[0]][0], test[names[1]][0], k, test[names[0]][1], test[names[1]][1])
-  backward = matching.snn_matching(test[names[1]][0], test[names[0]][0], k, test[names[1]][1], test[names[0]][1])
+    out[name] = (rows, obs["batch"].astype(str).to_numpy()[rows])
+  return out
+
+
+def test_embeddings(workdir: pathlib.Path, names, method: str) -> dict:
+  """{modality: (embeddings of the test cells, their batches)} of the fine-tuned clue_jax run or the reference."""
+  cells = test_cells(workdir, names)
+  if method == "reference":
+    saved = np.load(workdir / "reference" / "embeddings.npz", allow_pickle=False)
+    return {n: (saved[n][rows], batch) for n, (rows, batch) in cells.items()}
+  fitted = api.load(workdir / "finetune")
+  out = {}
+  for name, (rows, batch) in cells.items():
+    adata = ad.read_h5ad(workdir / "data" / f"finetune_{name}.h5ad")[rows]
+    out[name] = (fitted.embed(adata, name), batch)
+  return out
+
+
+def match_scores(embeddings: dict, names, comp) -> dict:
+  """match_probability of both directions, with SNN (the recipe's, k from the config) and with Sinkhorn."""
+  files = competition_data.read_task(comp.match_modality, ("test_mod1", "test_mod2", "test_sol"))
+  solution = files["test_sol"].X
   types = tuple(competition_data.feature_type(files[f], f) for f in ("test_mod1", "test_mod2"))
-  result = json.loads((reference / "result.json").read_text())
-  return {competition.subtask(types): metrics.match_probability(forward, solution),
-          competition.subtask(types[::-1]): metrics.match_probability(backward, solution.T),
-          "epochs": {s: result[s]["epochs_run"] for s in ("pretrain", "finetune") if s in result}}
+  out = {}
+  for (a, b), truth, kind in (((names[0], names[1]), solution, types), ((names[1], names[0]), solution.T,
+                                                                       types[::-1])):
+    (x, bx), (y, by) = embeddings[a], embeddings[b]
+    out[f"{competition.subtask(kind)} SNN"] = metrics.match_probability(
+        matching.snn_matching(x, y, comp.match.get("k", 1), bx, by), truth)
+    out[f"{competition.subtask(kind)} Sinkhorn"] = metrics.match_probability(
+        matching.sinkhorn_matching(x, y, _EPSILON.value, 500, bx, by), truth)
+  return out
 
 
 def main(argv):
@@ -133,11 +160,14 @@ def main(argv):
     for seed in seeds:
       config = config_lib.apply_overrides(module.get_config(), {"seed": seed, "train.progress": False})
       workdir = out / technology / f"seed_{seed}"
+      names = data.modality_order(config)
       scores = competition.run(config, comp, workdir)
-      row = {"clue_jax": {k: v["match_probability"] for k, v in scores["match_modality"].items()},
-             "baseline": {k: v.get("baseline") for k, v in scores["match_modality"].items()}}
+      row = {"baseline": {f"{k} SNN": v.get("baseline") for k, v in scores["match_modality"].items()},
+             "clue_jax": match_scores(test_embeddings(workdir, names, "clue_jax"), names, comp),
+             "epochs": {"clue_jax": scores["epochs"]}}
       if _REF_PYTHON.value:
-        row["reference"] = reference_scores(workdir, config, comp, data.modality_order(config))
+        row["epochs"]["reference"] = run_reference(workdir, config, comp, names)
+        row["reference"] = match_scores(test_embeddings(workdir, names, "reference"), names, comp)
       results[technology][seed] = row
       print(json.dumps({technology: {seed: row}}), flush=True)
   (out / "results.json").write_text(json.dumps(results, indent=2))
@@ -145,17 +175,18 @@ def main(argv):
 
 
 def table(results: dict) -> str:
-  lines = ["| starter | subtask | official baseline | clue_jax (mean, seeds) | reference (mean, seeds) |",
-           "|---|---|---|---|---|"]
+  lines = ["| starter | subtask | matching | official baseline | clue_jax: mean (seeds) | reference: mean (seeds) |",
+           "|---|---|---|---|---|---|"]
   for technology, by_seed in results.items():
     rows = list(by_seed.values())
-    for subtask in rows[0]["clue_jax"]:
-      baseline = rows[0]["baseline"][subtask]
+    for key in rows[0]["clue_jax"]:
+      subtask, method = key.split(" ")
+      baseline = rows[0]["baseline"].get(key)
       cells = []
-      for method in ("clue_jax", "reference"):
-        values = [r[method][subtask] for r in rows if method in r]
+      for who in ("clue_jax", "reference"):
+        values = [r[who][key] for r in rows if who in r]
         cells.append(f"{np.mean(values):.4f} ({', '.join(f'{v:.4f}' for v in values)})" if values else "-")
-      lines.append(f"| {technology} | {subtask} | {'-' if baseline is None else f'{baseline:.4f}'} | "
+      lines.append(f"| {technology} | {subtask} | {method} | {'-' if baseline is None else f'{baseline:.4f}'} | "
                    f"{cells[0]} | {cells[1]} |")
   return "\n".join(lines)
 
