@@ -56,18 +56,22 @@ def masked_mean(values, rows):
 def nb_row_log_probs(x, params, log_factorial=None):
   """Per-row mean over features of log NB(x), for decoder outputs of shape (..., B, F) and counts (B, F).
 
-  The mean-free normaliser lgamma(x + theta) - lgamma(theta) is evaluated once, on the first pass: it depends only
-  on the counts and theta, which is the same for every pass (per batch and feature). `log_factorial` (per row,
-  sum_f lgamma(x_f + 1), computed at load time) replaces the element-wise evaluation of that data constant.
+  Decoder outputs (`ModalityDecoder`: the decoder's loc, (B, F) heads and the library) are scored by the fused
+  `likelihoods.nb_softmax_row_log_probs`. Otherwise (a mean and theta, each (..., B, F)), the mean-free normaliser
+  lgamma(x + theta) - lgamma(theta) is evaluated once, on the first pass: it depends only on the counts and theta,
+  which is the same for every pass (per batch and feature). `log_factorial` (per row, sum_f lgamma(x_f + 1),
+  computed at load time) replaces the element-wise evaluation of that data constant.
   """
+  constant = (gammaln(x + 1.0).mean(-1) if log_factorial is None else log_factorial / x.shape[-1])
+  if "decoder_loc" in params:
+    return likelihoods.nb_softmax_row_log_probs(
+        params["decoder_loc"], params["logit_scale"], params["logit_bias"], params["library"],
+        params["inverse_dispersion"], params["lgamma_inverse_dispersion"], x) - constant
   theta = params["inverse_dispersion"]
   first = (0,) * (theta.ndim - 2)
   lgamma_theta = params.get("lgamma_inverse_dispersion")
   normaliser = likelihoods.nb_normaliser(x, theta[first], None if lgamma_theta is None else lgamma_theta[first])
-  if log_factorial is None:
-    normaliser = normaliser.mean(-1) - gammaln(x + 1.0).mean(-1)
-  else:
-    normaliser = normaliser.mean(-1) - log_factorial / x.shape[-1]
+  normaliser = normaliser.mean(-1) - constant
   return likelihoods.nb_mean_part(x, params["mean"], theta).mean(-1) + normaliser
 
 

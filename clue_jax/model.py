@@ -208,11 +208,25 @@ class ModalityDecoder(nn.Module):
     loc = Linear(self.spec.n_features, name="loc")(h)
     shape = (self.spec.n_batches, self.spec.n_features)
     tables = {name: self.param(name, nn.initializers.zeros, shape) for name in HEADS[self.spec.likelihood]}
-    # Head transforms per (batch, feature), then gathered per cell and pass. (A (B, F) gather broadcast over the
-    # passes would be cheaper forwards, but its gradient, a reduction over the pass axis, is slow on XLA's CPU.)
-    index = jnp.broadcast_to(batch_index, loc.shape[:-1])
-    heads = {name: table[index] for name, table in head_values(self.spec.likelihood, tables).items()}
+    # Head transforms per (batch, feature), then picked per cell and pass. (A (B, F) pick broadcast over the
+    # passes would be cheaper forwards, but its gradient, a reduction over the pass axis, is slow on XLA's CPU.
+    # NB picks (B, F) heads all the same: its fused likelihood sums their gradients over the passes cheaply.)
+    index = batch_index if self.spec.likelihood == "NB" else jnp.broadcast_to(batch_index, loc.shape[:-1])
+    heads = {name: pick_rows(table, index) for name, table in head_values(self.spec.likelihood, tables).items()}
     return distribution_params(self.spec.likelihood, loc, heads, library)
+
+
+def pick_rows(table, index):
+  """`table[index]` for a small (n_batches, F) table, as a product with the one-hot rows of `index`.
+
+  XLA's CPU backend fuses a gather with the element-wise producers of its table (here softplus, exp, lgamma) and
+  evaluates them once per gathered element; a dot reads the (n_batches, F) table as it is. Its gradient is a dot
+  as well, not a scatter-add. Exact for finite tables (HIGHEST precision: no TF32 on accelerators); indices wrap
+  and clamp as NumPy-style indexing does.
+  """
+  n = table.shape[0]
+  index = jnp.clip(jnp.where(index < 0, index + n, index), 0, n - 1)
+  return jnp.dot(jax.nn.one_hot(index, n, dtype=table.dtype), table, precision=jax.lax.Precision.HIGHEST)
 
 
 def head_values(likelihood: str, tables):
@@ -232,11 +246,15 @@ def head_values(likelihood: str, tables):
 
 
 def distribution_params(likelihood: str, loc, heads, library):
-  """The decoder distribution's parameters from the decoder output `loc` (..., B, F) and the gathered heads."""
+  """The decoder distribution's parameters from the decoder output `loc` (..., B, F) and the picked heads."""
   if likelihood == "NB":
+    # The heads are (B, F), shared by the passes. The decoder output, heads and library also go out as they are:
+    # the loss scores them with `likelihoods.nb_softmax_row_log_probs`, and under jit the unused mean is never
+    # computed.
     proportions = jax.nn.softmax(heads["scale"] * loc + heads["bias"], axis=-1)
     return {"mean": proportions * library[..., None], "inverse_dispersion": heads["theta"],
-            "lgamma_inverse_dispersion": heads["lgamma_theta"]}
+            "lgamma_inverse_dispersion": heads["lgamma_theta"], "decoder_loc": loc, "logit_scale": heads["scale"],
+            "logit_bias": heads["bias"], "library": library}
   if likelihood == "Bernoulli":
     return {"logits": heads["scale"] * loc + heads["bias"]}
   if likelihood in ("MSE", "RMSE"):

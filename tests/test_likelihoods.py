@@ -179,3 +179,65 @@ def test_lgamma_positive_and_its_derivative_match_scipy():
     slope = np.asarray(jax.vmap(jax.grad(likelihoods.lgamma_positive))(jnp.asarray(z)))
   np.testing.assert_allclose(got, gammaln(z), rtol=1e-8, atol=1e-7)
   np.testing.assert_allclose(slope, digamma(z), rtol=1e-8, atol=1e-8)
+
+
+def nb_softmax_inputs(lead=(3,), batch=5, n_features=7, seed=0):
+  """Decoder outputs, heads, libraries and counts spanning extreme ratios (mean / theta from ~1e-20 to ~1e10).
+
+  Spread logits (proportions down to ~e^-40), libraries from 0 (a ReLU's zero) to 1e6, theta from 1e-2 to 1e4,
+  counts 0, small, non-integer and 1e4.
+  """
+  rng = np.random.default_rng(seed)
+  loc = rng.normal(0.0, 5.0, lead + (batch, n_features))
+  scale, bias = rng.uniform(0.2, 2.0, (batch, n_features)), rng.normal(0.0, 2.0, (batch, n_features))
+  library = rng.choice([0.0, 1e-4, 1.0, 30.0, 1e3, 1e6], lead + (batch,))
+  theta = 10.0 ** rng.uniform(-2.0, 4.0, (batch, n_features))
+  x = rng.choice([0.0, 0.0, 1.0, 2.5, 7.0, 40.0, 1e4], (batch, n_features))
+  return loc, scale, bias, library, theta, gammaln(theta), x
+
+
+def nb_softmax_by_autodiff(loc, scale, bias, library, theta, lgamma_theta, x):
+  """The straightforward composition that `nb_softmax_row_log_probs` fuses (autodiff gives its gradient)."""
+  mean = jax.nn.softmax(scale * loc + bias, axis=-1) * library[..., None]
+  return (likelihoods.nb_mean_part(x, mean, theta) + likelihoods.lgamma_positive(x + theta) - lgamma_theta).mean(-1)
+
+
+# XLA's backend optimisations only cost compile time on graphs this small.
+FAST_COMPILE = {"xla_backend_optimization_level": 0}
+
+
+def value_and_grads(fn, args, weights):
+  loss = jax.value_and_grad(lambda *a: (fn(*a) * weights).sum(), argnums=tuple(range(7)))
+  return jax.jit(loss, compiler_options=FAST_COMPILE)(*args)
+
+
+@pytest.mark.parametrize("lead", [(), (3,), (2, 3)])
+def test_nb_softmax_row_log_probs_gradient_matches_autodiff(lead):
+  """float64: the hand-written VJP against autodiff of the composition, for every input (counts included)."""
+  args = [jnp.asarray(a) for a in nb_softmax_inputs(lead)]
+  weights = jnp.asarray(np.random.default_rng(1).normal(size=lead + (5,)))
+  np.testing.assert_allclose(jax.jit(likelihoods.nb_softmax_row_log_probs, compiler_options=FAST_COMPILE)(*args),
+                             jax.jit(nb_softmax_by_autodiff, compiler_options=FAST_COMPILE)(*args), rtol=1e-12)
+  got_value, got = value_and_grads(likelihoods.nb_softmax_row_log_probs, args, weights)
+  want_value, want = value_and_grads(nb_softmax_by_autodiff, args, weights)
+  np.testing.assert_allclose(got_value, want_value, rtol=1e-12)
+  for name, g, w in zip(("loc", "scale", "bias", "library", "theta", "lgamma_theta", "x"), got, want):
+    assert g.shape == w.shape, name
+    np.testing.assert_allclose(g, w, rtol=1e-8, atol=1e-10 * np.abs(w).max(), err_msg=name)
+
+
+def test_nb_softmax_row_log_probs_float32_is_as_accurate_as_autodiff():
+  """float32 value and gradients against the float64 ones: no worse than float32 autodiff of the composition."""
+  args64 = [jnp.asarray(a) for a in nb_softmax_inputs(seed=2)]
+  args32 = [a.astype(jnp.float32) for a in args64]
+  weights = jnp.asarray(np.random.default_rng(3).normal(size=(3, 5)))
+  truth = value_and_grads(nb_softmax_by_autodiff, args64, weights)
+  fused = value_and_grads(likelihoods.nb_softmax_row_log_probs, args32, weights.astype(jnp.float32))
+  plain = value_and_grads(nb_softmax_by_autodiff, args32, weights.astype(jnp.float32))
+
+  def error(got, want):  # Relative to the array's scale.
+    return float(np.abs(np.asarray(got, np.float64) - want).max() / max(np.abs(want).max(), 1e-30))
+
+  for g, p, w in zip((fused[0],) + fused[1], (plain[0],) + plain[1], (truth[0],) + truth[1]):
+    assert g.dtype == jnp.float32
+    assert error(g, w) <= max(2.0 * error(p, w), 1e-6)

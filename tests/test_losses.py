@@ -378,3 +378,15 @@ def test_l2_normalize_ignored_zero_row_gets_zero_gradient():
   used = jnp.array([[0.0], [1.0]])
   grad = np.asarray(jax.grad(lambda u: (losses.l2_normalize(u) * used).sum())(u))
   np.testing.assert_array_equal(grad[0], 0.0)
+
+
+def test_pick_rows_is_indexing_with_its_gradient():
+  """The decoder heads' one-hot pick equals table[index] (negative indices wrap), value and gradient."""
+  from clue_jax.model import pick_rows
+  rng = np.random.default_rng(7)
+  table = jnp.asarray(rng.normal(size=(3, 5)))
+  index = jnp.asarray([[0, 2, -1, 1], [1, 1, 0, -3]], jnp.int32)
+  weights = jnp.asarray(rng.normal(size=(2, 4, 5)))
+  np.testing.assert_array_equal(pick_rows(table, index), table[index])
+  np.testing.assert_allclose(jax.grad(lambda t: (pick_rows(t, index) * weights).sum())(table),
+                             jax.grad(lambda t: (t[index] * weights).sum())(table), rtol=1e-6)
