@@ -20,7 +20,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from clue_jax import writer
+from clue_jax import parallel, writer
 
 MODEL_KEYS = ("params", "batch_stats")
 
@@ -34,10 +34,14 @@ class DamagedCheckpoint(RuntimeError):
 
 
 def _remove_unfinished(directory: pathlib.Path):
-  """Deletes the steps that a killed run left under Orbax's temporary names (never read by Orbax either)."""
-  if directory.is_dir():
+  """Deletes the steps that a killed run left under Orbax's temporary names (never read by Orbax either).
+
+  Process 0 deletes; the others wait for it.
+  """
+  if parallel.is_main_process() and directory.is_dir():
     for path in directory.glob(f"*{ocp.path.atomicity_types.TMP_DIR_SUFFIX}*"):
       shutil.rmtree(path)
+  parallel.barrier("remove_unfinished")
 
 
 def _manager(directory: pathlib.Path, max_to_keep: int, best: bool) -> ocp.CheckpointManager:
@@ -61,9 +65,9 @@ def _brief(error: Exception) -> str:
 
 
 def state_digest(state) -> str:
-  """SHA-256 over the shapes, dtypes and bytes of every leaf of `state`."""
+  """SHA-256 over the shapes, dtypes and bytes of every leaf of `state` (the same in every process)."""
   digest = hashlib.sha256()
-  for leaf in jax.tree.leaves(jax.device_get(state)):
+  for leaf in jax.tree.leaves(parallel.fetch(state)):
     leaf = np.asarray(leaf)
     digest.update(f"{leaf.shape}{leaf.dtype}".encode())
     digest.update(np.ascontiguousarray(leaf).tobytes())
@@ -210,10 +214,12 @@ class Checkpoints:
 
   def _set_aside(self, manager: ocp.CheckpointManager, epoch: int, kind: str, error: Exception):
     target = self.directory / "damaged" / f"{kind}-{epoch}"
-    if target.exists():
-      shutil.rmtree(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    shutil.move(manager.directory / str(epoch), target)
+    if parallel.is_main_process():  # Every process found the step damaged; process 0 moves it.
+      if target.exists():
+        shutil.rmtree(target)
+      target.parent.mkdir(parents=True, exist_ok=True)
+      shutil.move(manager.directory / str(epoch), target)
+    parallel.barrier("set_aside")
     manager.reload()
     warnings.warn(f"{error}; skipped it (moved to {target}) and used the previous checkpoint", stacklevel=3)
 

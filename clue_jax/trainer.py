@@ -2,6 +2,12 @@
 
 `train_and_evaluate(config, workdir)` writes `config.json`, `metrics.jsonl`, `tb/`, `checkpoints/` and
 `embeddings/` under `workdir`, and resumes from the latest checkpoint when the workdir already holds the run.
+
+Multi-process runs (`parallel.initialize`, `python -m clue_jax.train --num_processes=...`): every process runs this
+same loop on the same files and takes the same host decisions; each one densifies only its share of every batch
+(`parallel.process_rows`), all take part in every checkpoint save and restore, and only process 0 writes the other
+files (config.json, metrics.jsonl, tb/, embeddings/, summary.json, plots/). The workdir must be one directory that
+every process sees (a shared file system), as Orbax requires for the checkpoints.
 """
 
 import json
@@ -110,7 +116,8 @@ def prepare_workdir(config, workdir: pathlib.Path, ckpts: checkpoint.Checkpoints
     raise TrainingError(
         f"{workdir} holds a run with a different config (see {workdir / 'config.json'}); use a new --workdir, pass "
         f"--overwrite to start over, or --init_from={workdir} with a new --workdir to fine-tune from it")
-  write_atomically(workdir / "config.json", lambda p: p.write_text(config.to_json_best_effort(indent=2)))
+  if parallel.is_main_process():
+    write_atomically(workdir / "config.json", lambda p: p.write_text(config.to_json_best_effort(indent=2)))
   return extras
 
 
@@ -150,6 +157,7 @@ class Encoder:
     self.sharding = parallel.batch_sharding(mesh)
     n_dev = mesh.devices.size
     self.chunk = math.ceil(ENCODE_CHUNK / n_dev) * n_dev
+    self.part = parallel.process_rows(mesh, self.chunk)  # The rows of each chunk that this process encodes.
     self.fns = {n: jax.jit(steps.make_encode(model, n)) for n in dataset.names}
 
   def __call__(self, state, name: str, rows: np.ndarray) -> np.ndarray:
@@ -157,11 +165,11 @@ class Encoder:
     out = []
     for start in range(0, len(rows), self.chunk):
       r = rows[start:start + self.chunk]
-      padded = np.concatenate([r, np.full(self.chunk - len(r), r[0])])
+      padded = np.concatenate([r, np.full(self.chunk - len(r), r[0])])[self.part]
       counts = m.counts[padded].toarray()
       rep = None if m.rep is None else m.rep[padded]
-      loc = self.fns[name](state, parallel.put(rep, self.sharding), parallel.put(counts, self.sharding))
-      out.append(np.asarray(loc)[:len(r)])
+      loc = self.fns[name](state, parallel.put_local(rep, self.sharding), parallel.put_local(counts, self.sharding))
+      out.append(parallel.fetch(loc)[:len(r)])
     return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
 
 
@@ -180,12 +188,18 @@ def heldout_foscttm(encoder: Encoder, state, dataset: data.Dataset):
 
 
 def write_embeddings(encoder: Encoder, state, dataset: data.Dataset, config, out_dir: pathlib.Path) -> dict:
-  """`<modality>.h5ad` (obs + obsm["X_clue"]) for every modality, and `joint.h5ad` for multi-modal cells."""
-  out_dir.mkdir(parents=True, exist_ok=True)
+  """`<modality>.h5ad` (obs + obsm["X_clue"]) for every modality, and `joint.h5ad` for multi-modal cells.
+
+  Every process encodes (its share); only process 0 writes.
+  """
+  write = parallel.is_main_process()
+  if write:
+    out_dir.mkdir(parents=True, exist_ok=True)
   embeddings = {}
   for name, m in dataset.modalities.items():
     embeddings[name] = encoder(state, name, np.arange(m.counts.shape[0]))
-    save_embedding(out_dir / f"{name}.h5ad", m.obs, embeddings[name])
+    if write:
+      save_embedding(out_dir / f"{name}.h5ad", m.obs, embeddings[name])
   pairing = sampler.pair_cells({n: m.obs.index for n, m in dataset.modalities.items()}, config.data.pair_by)
   present = np.stack([pairing.rows[n] >= 0 for n in dataset.names])
   multi = np.flatnonzero(present.sum(0) >= 2)
@@ -196,7 +210,8 @@ def write_embeddings(encoder: Encoder, state, dataset: data.Dataset, config, out
     joint[rows >= 0] += embeddings[name][rows[rows >= 0]]
     obs[f"in_{name}"] = rows >= 0
   joint /= present[:, multi].sum(0)[:, None]
-  save_embedding(out_dir / "joint.h5ad", obs, joint)
+  if write:
+    save_embedding(out_dir / "joint.h5ad", obs, joint)
   return {n: e.shape for n, e in embeddings.items()} | {"joint": joint.shape}
 
 
@@ -209,7 +224,7 @@ def save_embedding(path: pathlib.Path, obs: pd.DataFrame, embedding: np.ndarray)
 # ------------------------------------------------------------------------------------------------------ loop
 def per_step_values(measurements: list) -> dict:
   """The epoch's measurements (one dict per dispatched chunk) fetched once, as {term: (steps,) array}."""
-  stacked = jax.device_get(measurements)
+  stacked = parallel.fetch(measurements)
   return {k: np.concatenate([np.asarray(m[k]).reshape(-1) for m in stacked]) for k in stacked[0]}
 
 
@@ -221,23 +236,37 @@ def first_bad_term(values: dict, step_in_epoch: int) -> str:
 def validate(eval_fn, state, dataset, epoch_rows: sampler.EpochRows, batch_size, key, noise, sharding):
   """Validation loss terms averaged over the real validation rows."""
   totals, count = {}, 0.0
+  part = parallel.process_rows(sharding.mesh, batch_size)
   for start in range(0, len(epoch_rows.valid), batch_size):
-    sl = slice(start, start + batch_size)
+    sl = slice(start + part.start, start + part.stop)  # This process's rows of the batch.
     batch = data.minibatch(dataset, {n: r[sl] for n, r in epoch_rows.rows.items()},
                            {n: m[sl] for n, m in epoch_rows.masks.items()}, epoch_rows.valid[sl])
-    terms = jax.device_get(eval_fn(state, parallel.put(batch, sharding), jax.random.fold_in(key, start), noise))
-    n = float(epoch_rows.valid[sl].sum())
+    terms = parallel.fetch(eval_fn(state, parallel.put_local(batch, sharding), jax.random.fold_in(key, start), noise))
+    n = float(epoch_rows.valid[start:start + batch_size].sum())
     for k, v in terms.items():
       totals[k] = totals.get(k, 0.0) + float(v) * n
     count += n
   return {k: v / count for k, v in totals.items()}
 
 
+def process_share(epoch_rows: sampler.EpochRows, batch_size: int, part: slice) -> sampler.EpochRows:
+  """The rows `part` (`parallel.process_rows`) of every batch of an epoch: this process's share, in batch order."""
+  if part == slice(0, batch_size):
+    return epoch_rows
+
+  def pick(a):
+    return a.reshape(-1, batch_size)[:, part].reshape(-1)
+
+  return sampler.EpochRows({k: pick(v) for k, v in epoch_rows.rows.items()},
+                           {k: pick(v) for k, v in epoch_rows.masks.items()}, pick(epoch_rows.valid))
+
+
 def make_epoch_runner(config, model: CLUE, weights: losses.Weights, dataset: data.Dataset, mesh):
   """`run(state, epoch_rows, n_steps, key, lr, noise) -> (state, per-chunk measurements)` for one epoch.
 
   With `train.data_on_device` the dataset lives on the devices and each step gathers its minibatch there (one
-  explicit copy of row indices per epoch); otherwise the host densifies and sends every chunk of steps.
+  explicit copy of row indices per epoch); otherwise the host densifies and sends every chunk of steps (with several
+  processes, each densifies only the rows its devices hold).
   """
   normalize_u, per = config.model.normalize_u, config.train.steps_per_dispatch
   batch_size, replicated = config.train.batch_size, parallel.replicated(mesh)
@@ -252,14 +281,16 @@ def make_epoch_runner(config, model: CLUE, weights: losses.Weights, dataset: dat
                                                 chunk_sharding)]
   else:
     chunk_fn = jax.jit(steps.make_train_chunk(model, weights, normalize_u), donate_argnums=0)
+    part = parallel.process_rows(mesh, batch_size)
 
     def chunks(rows, n_steps):
+      local = process_share(rows, batch_size, part)
       for first in range(0, n_steps, per):
-        host = data.steps_chunk(dataset, rows, first, min(per, n_steps - first), batch_size)
-        yield (parallel.put(host, chunk_sharding),)
+        host = data.steps_chunk(dataset, local, first, min(per, n_steps - first), part.stop - part.start)
+        yield (parallel.put_local(host, chunk_sharding),)
 
   def run(state, rows, n_steps, key, lr, noise):
-    scalars = jax.device_put((key, np.float32(lr), np.float32(noise)), replicated)
+    scalars = parallel.put((key, np.float32(lr), np.float32(noise)), replicated)
     measurements = []
     for inputs in chunks(rows, n_steps):
       state, measured = chunk_fn(state, *inputs, *scalars)
@@ -280,7 +311,8 @@ def train_and_evaluate(config, workdir, init_from=None) -> dict:
   ckpts = checkpoint.Checkpoints(workdir / "checkpoints", config.train.keep_best)
   extras = prepare_workdir(config, workdir, ckpts)
 
-  # Mesh.
+  # Mesh (over the devices of every process; process 0 writes the files).
+  main = parallel.is_main_process()
   mesh = parallel.make_mesh(config.train.num_devices)
   parallel.check_batch_size(config.train.batch_size, mesh)
   state_sharding = parallel.replicated(mesh)
@@ -316,15 +348,18 @@ def train_and_evaluate(config, workdir, init_from=None) -> dict:
     latest, state = resume_state(ckpts, abstract_state, workdir)
     schedule = schedule_lib.Schedule.from_json(ckpts.restore_extras(latest)[0])
     ckpts.drop_best_after(latest)
-    writer.truncate_after(workdir / "metrics.jsonl", latest)
-    print(f"Resuming {workdir} from epoch {latest}.", flush=True)
+    if main:
+      writer.truncate_after(workdir / "metrics.jsonl", latest)
+      print(f"Resuming {workdir} from epoch {latest}.", flush=True)
   else:
     state = init(init_key, example)
     if source is not None:
       state = state.replace(**adopted_model(source, state, abstract_state, init_from, dataset, config))
-      print(f"Starting from the parameters of {init_from} (epoch {source[1]}).", flush=True)
+      if main:
+        print(f"Starting from the parameters of {init_from} (epoch {source[1]}).", flush=True)
     schedule = schedule_lib.Schedule(plan=plan, lr=config.train.lr)
-    writer.truncate_after(workdir / "metrics.jsonl", 0)
+    if main:
+      writer.truncate_after(workdir / "metrics.jsonl", 0)
 
   # Steps.
   normalize_u = config.model.normalize_u
@@ -333,8 +368,8 @@ def train_and_evaluate(config, workdir, init_from=None) -> dict:
   encoder = Encoder(model, dataset, mesh)
   periodic_eval = training_eval.PeriodicEvaluation(config, dataset, encoder)
   meta, tree = run_meta(config, dataset), preprocess_tree(dataset)
-  metric_writer = writer.MetricWriter(workdir)
-  bar = progress.ProgressBar(schedule.plan.max_epochs, enabled=config.train.progress)
+  metric_writer = writer.MetricWriter(workdir, enabled=main)
+  bar = progress.ProgressBar(schedule.plan.max_epochs, enabled=config.train.progress and main)
   n_params = steps.count_params(state.params)
   last_save = -math.inf  # The first epoch is always checkpointed.
 
@@ -380,7 +415,7 @@ def train_and_evaluate(config, workdir, init_from=None) -> dict:
     record["time/cells_per_s"] = n_steps * batch_size / record["time/epoch_s"]
     record.update(periodic_eval(epoch, state))
     is_best = schedule.keep_as_best(epoch, monitored, config.train.keep_best)
-    save_latest = schedule.done or time.time() - last_save >= config.train.checkpoint_interval_s
+    save_latest = parallel.agree(schedule.done or time.time() - last_save >= config.train.checkpoint_interval_s)
     metric_writer.write(record)  # Before the checkpoint: a resumed run drops records after its checkpoint.
     if save_latest or is_best:
       ckpts.save(epoch, state, schedule.to_json(), tree, meta, latest=save_latest,
@@ -403,9 +438,10 @@ def train_and_evaluate(config, workdir, init_from=None) -> dict:
   summary = {"epochs_run": schedule.epoch, "restored_epoch": final_epoch, "plan": schedule.to_json()["plan"],
              "early_stopped": schedule.stopped and schedule.epoch < schedule.plan.max_epochs,
              "n_params": n_params, "heldout_foscttm": heldout_foscttm(encoder, state, dataset),
-             "embeddings": {k: list(v) for k, v in shapes.items()},
-             "plots": training_eval.final_plots(workdir, config)}
-  write_atomically(workdir / "summary.json", lambda p: p.write_text(json.dumps(summary, indent=2)))
+             "embeddings": {k: list(v) for k, v in shapes.items()}}
+  if main:
+    summary["plots"] = training_eval.final_plots(workdir, config)
+    write_atomically(workdir / "summary.json", lambda p: p.write_text(json.dumps(summary, indent=2)))
   ckpts.close()
   return summary
 
@@ -438,11 +474,12 @@ def adopted_model(source, state, abstract_state, init_from, dataset: data.Datase
     raise TrainingError(f"--init_from={init_from}: {e}") from e
   finally:
     ckpts.close()
-  return jax.device_put(entries, jax.tree.map(lambda x: x.sharding, {"params": abstract_state.params,
-                                                                     "batch_stats": abstract_state.batch_stats}))
+  return parallel.put(entries, jax.tree.map(lambda x: x.sharding, {"params": abstract_state.params,
+                                                                   "batch_stats": abstract_state.batch_stats}))
 
 
 def clean_workdir(workdir: pathlib.Path):
-  """Removes a run directory (for `--overwrite`)."""
-  if workdir.exists():
+  """Removes a run directory (for `--overwrite`; process 0 removes it, the others wait)."""
+  if parallel.is_main_process() and workdir.exists():
     shutil.rmtree(workdir)
+  parallel.barrier("clean_workdir")

@@ -17,12 +17,16 @@ class OutputError(RuntimeError):
 
 
 class MetricWriter:
-  def __init__(self, workdir: pathlib.Path):
+  """`enabled=False` (processes other than 0 of a multi-process run) writes nothing and creates no files."""
+
+  def __init__(self, workdir: pathlib.Path, enabled: bool = True):
     self.path = workdir / "metrics.jsonl"
-    self.tb = SummaryWriter(str(workdir / "tb"))
+    self.tb = SummaryWriter(str(workdir / "tb")) if enabled else None
 
   def write(self, record: dict):
     """Appends one record (a whole line, flushed and synced) and logs its numeric entries as scalars."""
+    if self.tb is None:
+      return
     clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
     try:
       with open(self.path, "a") as f:
@@ -38,7 +42,8 @@ class MetricWriter:
     self.tb.flush()
 
   def close(self):
-    self.tb.close()
+    if self.tb is not None:
+      self.tb.close()
 
 
 def truncate_after(path: pathlib.Path, epoch: int):

@@ -85,7 +85,11 @@ def relative_norm(a: dict, b: dict, prefix: str) -> float:
 
 @pytest.mark.parametrize("n_devices", DEVICES[1:])
 def test_same_model_on_any_device_count(runs, n_devices):
-  (base, base_record), (other, record) = runs[1], runs[n_devices]
+  assert_same_model(*runs[1], *runs[n_devices])
+
+
+def assert_same_model(base: dict, base_record: dict, other: dict, record: dict):
+  """Final params / batch_stats (flat dicts) and last-epoch metrics agree within the tolerances above."""
   assert base.keys() == other.keys()
   worst = {k: float(np.abs(base[k] - other[k]).max()) for k in base}
   params = {k: v for k, v in worst.items() if k.startswith("['params']")}
