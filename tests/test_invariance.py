@@ -7,8 +7,11 @@ summed in another order, and RMSprop (decay 0.99, eps outside the sqrt) turns ro
 pre-BatchNorm biases; everything else <= 6e-5) and the BatchNorm statistics by <= 2.4e-7. After 2 epochs (16 steps)
 the differences have spread: largest parameter difference 0.043 / 0.056, 0.9 % / 1.5 % of the parameters' norm;
 BatchNorm running statistics 0.11 / 0.09 at most, 0.9 % / 1.0 % of their norm; held-out FOSCTTM 0.0036 / 0.0007;
-train and validation generator loss 2e-4 relative. The tolerances below leave 2x to 10x margin on these; a real
-device-count dependence (per-device BatchNorm statistics or dropout masks) changes the losses by far more.
+train and validation generator loss 2e-4 relative. Since the fused NB likelihood (another summation order again), one
+entry of the 2-device run drifted to 0.107 (a decoder kernel; 16 steps of up to 0.02 bound a single entry by 0.32),
+so the per-entry tolerance is 0.2; the norms, losses and FOSCTTM carry the check. Those tolerances leave 2x to 10x
+margin; a real device-count dependence (per-device BatchNorm statistics or dropout masks) changes the losses by far
+more.
 """
 
 import json
@@ -94,7 +97,7 @@ def assert_same_model(base: dict, base_record: dict, other: dict, record: dict):
   worst = {k: float(np.abs(base[k] - other[k]).max()) for k in base}
   params = {k: v for k, v in worst.items() if k.startswith("['params']")}
   stats = {k: v for k, v in worst.items() if k.startswith("['batch_stats']")}
-  assert max(params.values()) <= 0.1, max(params.items(), key=lambda kv: kv[1])
+  assert max(params.values()) <= 0.2, max(params.items(), key=lambda kv: kv[1])
   assert relative_norm(base, other, "['params']") <= 0.03
   assert max(stats.values()) <= 0.25, max(stats.items(), key=lambda kv: kv[1])
   assert relative_norm(base, other, "['batch_stats']") <= 0.03
