@@ -38,6 +38,21 @@ SCALES = {"GEX": "log1p", "ADT": "clr", "ATAC": "binary"}
 METHOD_ID = "clue_jax"
 
 
+def starter_settings(technology: str) -> ml_collections.ConfigDict:
+  """The competition settings on an embedded starter's task files ("cite" or "multiome"): its three tasks, the
+  competition's fine-tuning (lr 1e-3, no burn-in, at most 50 epochs, patience 8, LR patience 3), SNN k = 1."""
+  def prefix(task):
+    return str(competition_files.starter_file(technology, task, "x")).removesuffix(".x.h5ad")
+
+  return ml_collections.ConfigDict({
+      **{task: prefix(task) for task in competition_files.TASKS},
+      # Overrides of the training config for fine-tuning.
+      "finetune": {"train": {"lr": 1e-3, "align_burnin": 0, "max_epochs": 50, "patience": 8,
+                             "reduce_lr_patience": 3}},
+      "match": {"method": "snn", "k": 1},
+  })
+
+
 def stage_configs(config: ml_collections.ConfigDict, competition: ml_collections.ConfigDict, files: dict) -> dict:
   """{"pretrain": config, "finetune": config}: `config` on each stage's files; fine-tuning with its overrides."""
   out = {}

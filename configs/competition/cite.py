@@ -10,12 +10,9 @@ patience 8, ReduceLROnPlateau patience 3. Matching: SNN with k = 1 within the te
 
 import pathlib
 
-import ml_collections
-
-from clue_jax import competition_files, config_files
+from clue_jax import competition, config_files
 
 BASE = config_files.load_module(pathlib.Path(__file__).resolve().parent.parent / "cite.py")
-TECHNOLOGY = "cite"
 
 
 def get_config():
@@ -23,18 +20,5 @@ def get_config():
   return BASE.get_config()
 
 
-def task_prefix(task: str) -> str:
-  """PREFIX of the embedded starter's task files PREFIX.<kind>.h5ad."""
-  return str(competition_files.starter_file(TECHNOLOGY, task, "x")).removesuffix(".x.h5ad")
-
-
 def get_competition():
-  return ml_collections.ConfigDict({
-      "match_modality": task_prefix("match_modality"),
-      "predict_modality": task_prefix("predict_modality"),
-      "joint_embedding": task_prefix("joint_embedding"),
-      # Overrides of the training config for fine-tuning.
-      "finetune": {"train": {"lr": 1e-3, "align_burnin": 0, "max_epochs": 50, "patience": 8,
-                             "reduce_lr_patience": 3}},
-      "match": {"method": "snn", "k": 1},
-  })
+  return competition.starter_settings("cite")
