@@ -12,7 +12,6 @@ written into the inputs unless `inplace=True` says so. The math lives in `matchi
 module holds the run's state, its preprocessing and the devices.
 """
 
-import dataclasses
 import json
 import math
 import pathlib
@@ -87,9 +86,7 @@ def saved_model(config, saved: dict, input_dims: dict) -> CLUE:
     specs.append(ModalitySpec(name, input_dims[name], len(features), len(saved["batch_categories"][name]),
                               spec.likelihood, normalize_input=spec.rep == "none" and spec.likelihood == "NB"))
   has_labels = any(config.data.modalities[n].label_key for n in saved["features"])
-  fields = {f.name for f in dataclasses.fields(CLUE)}
-  options = {k: v for k, v in config.model.items() if k in fields}
-  return CLUE(tuple(specs), n_labels=len(saved["label_categories"]) if has_labels else 0, **options)
+  return trainer.clue_module(specs, config.model, len(saved["label_categories"]) if has_labels else 0)
 
 
 def example_batch(model: CLUE) -> dict:

@@ -67,6 +67,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.normalize_u = True  # L2-normalise the sampled embeddings (method.md §2).
   # Ablation: one latent shared by all modalities instead of modality-specific subspaces (same total width).
   config.model.shared_latent = False
+  # "bfloat16": mixed precision, bf16 matmul operands with float32 accumulation; parameters, BatchNorm, losses and
+  # optimiser stay float32 (an addition to the reference, which computes in float32 throughout).
+  config.model.matmul_dtype = "float32"
 
   config.loss = ml_collections.ConfigDict()
   config.loss.lam_data = 1.0
@@ -163,6 +166,8 @@ def validate(config: ml_collections.ConfigDict):
   for key in ("encoder_depth", "decoder_depth", "discriminator_depth"):
     _check(config.model[key] >= 0, f"model.{key}", config.model[key], "an integer >= 0")
   _check(0 <= config.model.dropout < 1, "model.dropout", config.model.dropout, "a probability in [0, 1)")
+  _check(config.model.matmul_dtype in ("float32", "bfloat16"), "model.matmul_dtype", config.model.matmul_dtype,
+         "float32 or bfloat16")
   for key, value in config.loss.items():
     _check(value >= 0, f"loss.{key}", value, "a number >= 0")
   train = config.train

@@ -52,7 +52,10 @@ def torch_uniform(fan_in: int):
 
 
 class Linear(nn.Module):
+  """x @ kernel + bias with float32 parameters; `matmul_dtype` "bfloat16" multiplies bf16 operands into float32."""
+
   features: int
+  matmul_dtype: str = "float32"
 
   @nn.compact
   def __call__(self, x):
@@ -61,7 +64,11 @@ class Linear(nn.Module):
     bias = self.param("bias", torch_uniform(fan_in), (self.features,))
     # Leading axes folded into one: XLA's CPU backend is far slower on dots with several contracting dimensions
     # (the kernel gradient of a 3-D input).
-    out = x.reshape(-1, fan_in) @ kernel + bias
+    rows = x.reshape(-1, fan_in)
+    if self.matmul_dtype == "float32":
+      out = rows @ kernel + bias
+    else:
+      out = jnp.dot(rows.astype(jnp.bfloat16), kernel.astype(jnp.bfloat16), preferred_element_type=jnp.float32) + bias
     return out.reshape(x.shape[:-1] + (self.features,))
 
 
@@ -123,10 +130,11 @@ class HiddenBlock(nn.Module):
   width: int
   dropout: float
   train: bool
+  matmul_dtype: str = "float32"
 
   @nn.compact
   def __call__(self, x, row_mask=None):
-    x = nn.leaky_relu(Linear(self.width)(x), LEAKY_SLOPE)
+    x = nn.leaky_relu(Linear(self.width, self.matmul_dtype)(x), LEAKY_SLOPE)
     x = MaskedBatchNorm()(x, self.train, row_mask)
     return Dropout(self.dropout, deterministic=not self.train)(x)
 
@@ -139,13 +147,14 @@ class SubspaceEncoder(nn.Module):
   width: int
   dropout: float
   train: bool
+  matmul_dtype: str = "float32"
 
   @nn.compact
   def __call__(self, x):
     for _ in range(self.depth):
-      x = HiddenBlock(self.width, self.dropout, self.train)(x)
-    loc = Linear(self.latent_dim, name="loc")(x)
-    std = nn.softplus(Linear(self.latent_dim, name="std")(x)) + EPS
+      x = HiddenBlock(self.width, self.dropout, self.train, self.matmul_dtype)(x)
+    loc = Linear(self.latent_dim, self.matmul_dtype, name="loc")(x)
+    std = nn.softplus(Linear(self.latent_dim, self.matmul_dtype, name="std")(x)) + EPS
     return loc, std
 
 
@@ -162,6 +171,7 @@ class ModalityEncoder(nn.Module):
   depth: int
   width: int
   dropout: float
+  matmul_dtype: str = "float32"
 
   @nn.compact
   def __call__(self, rep, counts, train: bool, with_library: bool = True):
@@ -176,13 +186,13 @@ class ModalityEncoder(nn.Module):
         in_axes=None,
         out_axes=1,
         axis_size=self.n_subspaces,
-    )(self.latent_dim, self.depth, self.width, self.dropout, train, name="subspaces")
+    )(self.latent_dim, self.depth, self.width, self.dropout, train, self.matmul_dtype, name="subspaces")
     loc, std = subspaces(x)  # (B, K, d) each.
     batch = x.shape[0]
     loc, std = loc.reshape(batch, -1), std.reshape(batch, -1)
     library = None
     if self.spec.likelihood == "NB" and (with_library or self.is_initializing()):
-      library = nn.relu(Linear(self.n_modalities, name="library")(counts))
+      library = nn.relu(Linear(self.n_modalities, self.matmul_dtype, name="library")(counts))
     return loc, std, library
 
 
@@ -196,6 +206,7 @@ class ModalityDecoder(nn.Module):
   depth: int
   width: int
   dropout: float
+  matmul_dtype: str = "float32"
 
   @nn.compact
   def __call__(self, z, batch_index, library, train: bool, row_mask=None):
@@ -203,9 +214,9 @@ class ModalityDecoder(nn.Module):
     onehot = jnp.broadcast_to(onehot, z.shape[:-1] + onehot.shape[-1:])
     h = jnp.concatenate([z, onehot], -1)
     for _ in range(self.depth):
-      h = HiddenBlock(self.width, self.dropout, train)(h, row_mask)
+      h = HiddenBlock(self.width, self.dropout, train, self.matmul_dtype)(h, row_mask)
       h = jnp.concatenate([h, onehot], -1)
-    loc = Linear(self.spec.n_features, name="loc")(h)
+    loc = Linear(self.spec.n_features, self.matmul_dtype, name="loc")(h)
     shape = (self.spec.n_batches, self.spec.n_features)
     tables = {name: self.param(name, nn.initializers.zeros, shape) for name in HEADS[self.spec.likelihood]}
     # Head transforms per (batch, feature), then picked per cell and pass. (A (B, F) pick broadcast over the
@@ -272,13 +283,14 @@ class Discriminator(nn.Module):
   depth: int
   width: int
   dropout: float
+  matmul_dtype: str = "float32"
 
   @nn.compact
   def __call__(self, v, train: bool):
     for _ in range(self.depth):
-      v = nn.leaky_relu(Linear(self.width)(v), LEAKY_SLOPE)
+      v = nn.leaky_relu(Linear(self.width, self.matmul_dtype)(v), LEAKY_SLOPE)
       v = Dropout(self.dropout, deterministic=not train)(v)
-    return Linear(self.n_modalities)(v)
+    return Linear(self.n_modalities, self.matmul_dtype)(v)
 
 
 class CLUE(nn.Module):
@@ -298,17 +310,19 @@ class CLUE(nn.Module):
   # Ablation: one shared latent of K * latent_dim dimensions, encoded by one MLP per modality and read whole by
   # every decoder, instead of the K modality-specific subspaces.
   shared_latent: bool = False
+  matmul_dtype: str = "float32"  # "bfloat16": mixed precision (bf16 matmul operands, float32 accumulation).
 
   def setup(self):
     k = len(self.specs)
     n_subspaces, subspace_dim = (1, k * self.latent_dim) if self.shared_latent else (k, self.latent_dim)
     self.encoders = {s.name: ModalityEncoder(s, k, n_subspaces, subspace_dim, self.encoder_depth,
-                                             self.encoder_width, self.dropout) for s in self.specs}
-    self.decoders = {s.name: ModalityDecoder(s, self.decoder_depth, self.decoder_width, self.dropout)
-                     for s in self.specs}
-    self.discriminator = Discriminator(k, self.discriminator_depth, self.discriminator_width, self.dropout)
+                                             self.encoder_width, self.dropout, self.matmul_dtype) for s in self.specs}
+    self.decoders = {s.name: ModalityDecoder(s, self.decoder_depth, self.decoder_width, self.dropout,
+                                             self.matmul_dtype) for s in self.specs}
+    self.discriminator = Discriminator(k, self.discriminator_depth, self.discriminator_width, self.dropout,
+                                       self.matmul_dtype)
     if self.n_labels:
-      self.classifier = Linear(self.n_labels)
+      self.classifier = Linear(self.n_labels, self.matmul_dtype)
 
   @property
   def names(self) -> tuple[str, ...]:

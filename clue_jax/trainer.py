@@ -10,6 +10,7 @@ files (config.json, metrics.jsonl, tb/, embeddings/, summary.json, plots/). The 
 every process sees (a shared file system), as Orbax requires for the checkpoints.
 """
 
+import dataclasses
 import json
 import math
 import os
@@ -44,12 +45,14 @@ def model_from(config, dataset: data.Dataset) -> CLUE:
     specs.append(ModalitySpec(name, input_dim, m.counts.shape[1], len(m.batch_categories), spec.likelihood,
                               normalize_input=m.rep is None and spec.likelihood == "NB"))
   has_labels = any(config.data.modalities[n].label_key for n in dataset.names)
-  mc = config.model
-  return CLUE(tuple(specs), latent_dim=mc.latent_dim, encoder_depth=mc.encoder_depth,
-              encoder_width=mc.encoder_width, decoder_depth=mc.decoder_depth, decoder_width=mc.decoder_width,
-              discriminator_depth=mc.discriminator_depth, discriminator_width=mc.discriminator_width,
-              dropout=mc.dropout, shared_batches=mc.shared_batches, shared_latent=mc.shared_latent,
-              n_labels=len(dataset.label_categories) if has_labels else 0)
+  return clue_module(specs, config.model, len(dataset.label_categories) if has_labels else 0)
+
+
+def clue_module(specs, model_config, n_labels: int) -> CLUE:
+  """The CLUE module for these modalities: every `model.*` key that is a CLUE field is passed on."""
+  fields = {f.name for f in dataclasses.fields(CLUE)}
+  options = {k: v for k, v in model_config.items() if k in fields}
+  return CLUE(tuple(specs), n_labels=n_labels, **options)
 
 
 def loss_weights(config, names) -> losses.Weights:

@@ -100,3 +100,25 @@ def test_shared_latent_ablation_has_one_subspace_read_whole_by_every_decoder():
   assert variables["params"]["decoders_adt"]["HiddenBlock_0"]["Linear_0"]["kernel"].shape[0] == 8 + 2
   u = jnp.arange(6.0 * 8).reshape(6, 8)
   assert model.bind(variables).subspace(u, "adt") is u
+
+
+def test_bfloat16_matmuls_keep_float32_parameters_and_outputs():
+  """Mixed precision: same parameters, float32 outputs and gradients, encodings within bf16 rounding of float32,
+  and the matmuls really run on bf16 operands."""
+  sizes = dict(latent_dim=4, encoder_width=16, decoder_width=16, discriminator_width=16, dropout=0.0)
+  full, mixed = CLUE(SPECS, **sizes), CLUE(SPECS, matmul_dtype="bfloat16", **sizes)
+  variables = init(full)
+  assert jax.tree.map(jnp.shape, init(mixed)) == jax.tree.map(jnp.shape, variables)
+  rep = jax.random.normal(jax.random.key(1), (8, 100))
+  counts = jnp.ones((8, 2000))
+
+  def encode(model, params):
+    loc, _, _ = model.apply({**variables, "params": params}, "rna", rep, counts, False, method=CLUE.encode)
+    return loc
+
+  loc_full, loc_mixed = encode(full, variables["params"]), encode(mixed, variables["params"])
+  assert loc_mixed.dtype == jnp.float32
+  assert 0 < float(jnp.abs(loc_mixed - loc_full).max()) < 0.05 * float(jnp.abs(loc_full).max())
+  grads = jax.grad(lambda p: encode(mixed, p).sum())(variables["params"])
+  assert all(g.dtype == jnp.float32 for g in jax.tree.leaves(grads))
+  assert "bf16" in jax.jit(lambda p: encode(mixed, p)).lower(variables["params"]).as_text()
