@@ -203,6 +203,14 @@ def _leaves(config: ml_collections.ConfigDict, prefix: str = ""):
       yield f"{prefix}{key}", value
 
 
+def default_value(key: str):
+  """The default of a dotted key (`model.matmul_dtype`, `data.modalities.rna.weight`); KeyError if it has none."""
+  parts = key.split(".")
+  if parts[:2] == ["data", "modalities"] and len(parts) == 4:
+    return modality()[parts[3]]
+  return dict(_leaves(get_config()))[key]
+
+
 def _typed(key: str, default, value):
   """`value` as the field's type, accepting what the command line's parser for that type accepts."""
   expected = type(default)

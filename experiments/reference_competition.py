@@ -12,7 +12,8 @@ The recipe (method.md sections 3.4 and 3.5):
      (test cells unpaired, the unseen test batches added to the batch categories), adopt_pretrained_model(pretrained),
      compile(**compile, lr=finetune_lr), fit(**finetune_fit) (the competition: align_burnin=0, max_epochs=50,
      patience=8, reduce_lr_patience=3);
-  3. encode_data(name, fine-tune file) for every modality; the embeddings go to --embeddings for clue_jax to score.
+  3. encode_data(name, fine-tune file) for every modality, by the fine-tuned and by the pretrained model; the
+     embeddings go to --embeddings for clue_jax to score.
 random.seed / np.random.seed / torch.manual_seed(seed) are called before each stage.
 
 Usage:
@@ -46,10 +47,12 @@ hyper.json (unknown keys are rejected, so that a typo cannot silently fall back 
 Outputs:
   --embeddings   .npz: per modality NAME, NAME = encode_data's posterior means of every cell of that modality's
                  fine-tune file, in file order (float32, n x (number of modalities x latent_dim): all subspaces, not
-                 L2-normalized), and NAME_obs_names = its obs_names (str).
+                 L2-normalized), pretrain_NAME = the same by the pretrained model (before fine-tuning), and
+                 NAME_obs_names = its obs_names (str).
   --out          JSON: seed; per stage ("pretrain", "finetune"): epochs_run (max ignite epoch seen by a wrapped
                  trainer.train_step, as in reference_scglue.py), iterations, fit_settings (the kwargs that reached
-                 SCCLUETrainer.fit, i.e. with AUTO resolved), lr, fit_seconds, fit_cpu_seconds, modalities' shapes,
+                 SCCLUETrainer.fit, i.e. with AUTO resolved), history (per epoch: the averaged train and validation
+                 losses the trainer reports, and the learning rate), lr, fit_seconds, fit_cpu_seconds, modalities' shapes,
                  batches, n_ids (unique cell IDs) and n_paired_ids (IDs present in every modality); for the fine-tune
                  stage also "adopt": which tensors adopt_pretrained_model copied unchanged, which it expanded to new
                  batches (and whether their old-batch columns equal the pretrained ones), and the new batches;
@@ -173,10 +176,11 @@ def describe(adatas):
 
 def fit_counted(model, adatas, fit_kwargs):
   """model.fit(adatas, **fit_kwargs) in a temporary directory, with epochs, iterations, settings and times recorded."""
-  seen = {"epoch": 0, "iterations": 0, "fit_settings": None}
+  seen = {"epoch": 0, "iterations": 0, "fit_settings": None, "history": []}
   trainer = model.trainer
   train_step = trainer.train_step
   trainer_fit = trainer.fit
+  report_metrics = trainer.report_metrics
 
   # Both wrappers sit on the trainer instance: ignite's Engine is built from trainer.train_step when fit starts,
   # and SCCLUEModel.fit reaches SCCLUETrainer.fit through self.trainer.fit with AUTO already resolved.
@@ -189,8 +193,17 @@ def fit_counted(model, adatas, fit_kwargs):
     seen["fit_settings"] = {k: kwargs.get(k) for k in sorted(FIT_KEYS | {"random_seed"})}
     return trainer_fit(data, **kwargs)
 
+  def recording_report(train_state, val_state):
+    row = {"epoch": train_state.epoch, "lr": trainer.vae_optim.param_groups[0]["lr"]}
+    for prefix, state in (("train", train_state), ("val", val_state)):
+      if state is not None:
+        row.update({f"{prefix}/{k}": float(v) for k, v in state.metrics.items()})
+    seen["history"].append(row)
+    return report_metrics(train_state, val_state)
+
   trainer.train_step = counting_train_step
   trainer.fit = recording_fit
+  trainer.report_metrics = recording_report
   with tempfile.TemporaryDirectory(prefix="reference_competition_") as directory:
     cpu_start = process_cpu_seconds()
     start = time.perf_counter()
@@ -201,6 +214,7 @@ def fit_counted(model, adatas, fit_kwargs):
       "epochs_run": seen["epoch"],
       "iterations": seen["iterations"],
       "fit_settings": seen["fit_settings"],
+      "history": seen["history"],
       "fit_seconds": fit_seconds,
       "fit_cpu_seconds": fit_cpu_seconds,
   }
@@ -274,6 +288,7 @@ def main(argv=None):
   arrays = {}
   for name, adata in fine_adatas.items():
     arrays[name] = np.asarray(model.encode_data(name, adata), dtype=np.float32)
+    arrays[f"pretrain_{name}"] = np.asarray(pretrained.encode_data(name, adata), dtype=np.float32)
     arrays[f"{name}_obs_names"] = np.asarray(adata.obs_names, dtype=str)
   np.savez(args.embeddings, **arrays)
 

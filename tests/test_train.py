@@ -303,6 +303,19 @@ def test_workdir_with_another_run_is_refused(smoke_run):
     trainer.train_and_evaluate(load_config(lr=1e-3), workdir)
 
 
+def test_runs_saved_before_a_config_key_existed_still_resume():
+  """A saved config without a key added later matches while the key holds its default, and only then."""
+  current = load_config().to_dict()
+  older = json.loads(json.dumps(current))
+  del older["model"]["matmul_dtype"], older["data"]["modalities"]["rna"]["weight"]
+  assert trainer.same_config(older, current)
+  for key, value in (("model", {"matmul_dtype": "bfloat16"}), ("train", {"lr": 1e-3})):
+    changed = json.loads(json.dumps(current))
+    changed[key].update(value)
+    assert not trainer.same_config(older, changed)
+  assert not trainer.same_config(current, older)  # A key the current config lacks is a different config.
+
+
 def test_non_finite_loss_stops_with_a_clear_message(tmp_path):
   """A diverging run stops naming the epoch, step and loss term, and keeps its last good checkpoint."""
   config = load_config(lr=1e12, checkpoint_interval_s=0.0)
