@@ -8,8 +8,9 @@ transductive fine-tuning, all scores) in OUT/<technology>/seed_<seed>/. With --r
 0.4.1, in its own virtualenv) runs the same recipe on the same files: the same cells and IDs, decoder features,
 encoder inputs (clue_jax's fitted preprocessing), model sizes, loss weights, seed, learning rates and epoch settings
 (`reference_competition.py`); its fine-tuned embeddings of the test cells are matched by the same SNN code and scored
-by the same metric, with SNN (the recipe's) and with Sinkhorn (`--epsilon`). Prints one table of match_probability per
-subtask and matching (mean and values over seeds) and writes OUT/results.json.
+by the same metric, with SNN (the recipe's) and with Sinkhorn (`--epsilon`). The pretrained models (before
+fine-tuning) are scored the same way, where the reference run saved their embeddings. Prints one table of
+match_probability per subtask and matching (mean and values over seeds) and writes OUT/results.json.
 """
 
 import json
@@ -117,13 +118,17 @@ def test_cells(workdir: pathlib.Path, names) -> dict:
   return out
 
 
-def test_embeddings(workdir: pathlib.Path, names, method: str) -> dict:
-  """{modality: (embeddings of the test cells, their batches)} of the fine-tuned clue_jax run or the reference."""
+def test_embeddings(workdir: pathlib.Path, names, method: str, stage: str = "finetune") -> dict | None:
+  """{modality: (embeddings of the test cells, their batches)} of a clue_jax stage ("pretrain" or "finetune") or of
+  the reference's; None where the reference run did not save that stage."""
   cells = test_cells(workdir, names)
   if method == "reference":
     saved = np.load(workdir / "reference" / "embeddings.npz", allow_pickle=False)
-    return {n: (saved[n][rows], batch) for n, (rows, batch) in cells.items()}
-  fitted = api.load(workdir / "finetune")
+    prefix = "pretrain_" if stage == "pretrain" else ""
+    if f"{prefix}{names[0]}" not in saved:
+      return None
+    return {n: (saved[f"{prefix}{n}"][rows], batch) for n, (rows, batch) in cells.items()}
+  fitted = api.load(workdir / stage)
   out = {}
   for name, (rows, batch) in cells.items():
     adata = ad.read_h5ad(workdir / "data" / f"finetune_{name}.h5ad")[rows]
@@ -164,10 +169,14 @@ def main(argv):
       scores = competition.run(config, comp, workdir)
       row = {"baseline": {f"{k} SNN": v.get("baseline") for k, v in scores["match_modality"].items()},
              "clue_jax": match_scores(test_embeddings(workdir, names, "clue_jax"), names, comp),
+             "clue_jax pretrained": match_scores(test_embeddings(workdir, names, "clue_jax", "pretrain"), names, comp),
              "epochs": {"clue_jax": scores["epochs"]}}
       if _REF_PYTHON.value:
         row["epochs"]["reference"] = run_reference(workdir, config, comp, names)
         row["reference"] = match_scores(test_embeddings(workdir, names, "reference"), names, comp)
+        pretrained = test_embeddings(workdir, names, "reference", "pretrain")
+        if pretrained is not None:
+          row["reference pretrained"] = match_scores(pretrained, names, comp)
       results[technology][seed] = row
       print(json.dumps({technology: {seed: row}}), flush=True)
   (out / "results.json").write_text(json.dumps(results, indent=2))
@@ -175,19 +184,20 @@ def main(argv):
 
 
 def table(results: dict) -> str:
-  lines = ["| starter | subtask | matching | official baseline | clue_jax: mean (seeds) | reference: mean (seeds) |",
-           "|---|---|---|---|---|---|"]
+  who_all = ("clue_jax", "reference", "clue_jax pretrained", "reference pretrained")
+  lines = ["| starter | subtask | matching | official baseline | " + " | ".join(f"{w}: mean (seeds)" for w in who_all)
+           + " |", "|---|---|---|---" + "|---" * len(who_all) + "|"]
   for technology, by_seed in results.items():
     rows = list(by_seed.values())
     for key in rows[0]["clue_jax"]:
       subtask, method = key.split(" ")
       baseline = rows[0]["baseline"].get(key)
       cells = []
-      for who in ("clue_jax", "reference"):
+      for who in who_all:
         values = [r[who][key] for r in rows if who in r]
         cells.append(f"{np.mean(values):.4f} ({', '.join(f'{v:.4f}' for v in values)})" if values else "-")
       lines.append(f"| {technology} | {subtask} | {method} | {'-' if baseline is None else f'{baseline:.4f}'} | "
-                   f"{cells[0]} | {cells[1]} |")
+                   + " | ".join(cells) + " |")
   return "\n".join(lines)
 
 

@@ -52,10 +52,10 @@ Outputs:
   --out          JSON: seed; per stage ("pretrain", "finetune"): epochs_run (max ignite epoch seen by a wrapped
                  trainer.train_step, as in reference_scglue.py), iterations, fit_settings (the kwargs that reached
                  SCCLUETrainer.fit, i.e. with AUTO resolved), history (per epoch: the averaged train and validation
-                 losses the trainer reports, and the learning rate), lr, fit_seconds, fit_cpu_seconds, modalities' shapes,
-                 batches, n_ids (unique cell IDs) and n_paired_ids (IDs present in every modality); for the fine-tune
-                 stage also "adopt": which tensors adopt_pretrained_model copied unchanged, which it expanded to new
-                 batches (and whether their old-batch columns equal the pretrained ones), and the new batches;
+                 losses the trainer reports, and the learning rate), lr, fit_seconds, fit_cpu_seconds, modalities'
+                 shapes, batches, n_ids (unique cell IDs) and n_paired_ids (IDs present in every modality); for the
+                 fine-tune stage also "adopt": which tensors adopt_pretrained_model copied unchanged, which it expanded
+                 to new batches (and whether their old-batch columns equal the pretrained ones), and the new batches;
                  peak_rss_gb, threads, scglue and torch versions, and the hyper dict as read.
   A one-line summary goes to stdout.
 

@@ -115,9 +115,9 @@ def plot(rows: list, path: pathlib.Path):
     mine = [r for r in rows if r["mode"] == mode]
     axes[0].plot([r["devices"] for r in mine], [r["cells_per_s"] for r in mine], "o-", label=mode)
     axes[1].plot([r["devices"] for r in mine], [r["foscttm"] for r in mine], "o-", label=mode)
-  axes[0].set(xlabel="devices", ylabel="cells/s (epoch loop)", xscale="log", xticks=sorted({r["devices"] for r in rows}))
-  axes[1].set(xlabel="devices", ylabel="held-out FOSCTTM after budget", xscale="log",
-              xticks=sorted({r["devices"] for r in rows}))
+  ticks = sorted({r["devices"] for r in rows})
+  axes[0].set(xlabel="devices", ylabel="cells/s (epoch loop)", xscale="log", xticks=ticks)
+  axes[1].set(xlabel="devices", ylabel="held-out FOSCTTM after budget", xscale="log", xticks=ticks)
   for ax in axes:
     ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
     ax.legend()
@@ -153,7 +153,7 @@ def main():
                  f"--batch-size={batch}", f"--fake-devices={args.fake_devices}", f"--cells={args.cells}",
                  f"--epochs={args.epochs}", f"--quality-epochs={args.quality_epochs}", f"--threshold={args.threshold}"]
       done = subprocess.run(command, check=True, capture_output=True, text=True)
-      row = json.loads(next(l for l in done.stdout.splitlines() if l.startswith("RESULT "))[7:])
+      row = json.loads(next(line for line in done.stdout.splitlines() if line.startswith("RESULT "))[7:])
       print(row, flush=True)
       rows.append(row)
   out = pathlib.Path(args.out)
