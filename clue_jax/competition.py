@@ -80,7 +80,7 @@ def train_stage(config, workdir: pathlib.Path, init_from=None) -> dict:
   """Trains one stage unless it finished with the same config; returns the summary."""
   summary, saved = workdir / "summary.json", workdir / "config.json"
   if summary.is_file() and saved.is_file():
-    if not trainer.same_config(json.loads(saved.read_text()), config.to_dict()):
+    if not config_lib.same_config(json.loads(saved.read_text()), config.to_dict()):
       raise trainer.TrainingError(f"{workdir} holds a finished run with a different config (see {saved}); use a new "
                                   f"--workdir")
     return json.loads(summary.read_text())

@@ -6,6 +6,7 @@ library's (scglue 0.4.1 `SCCLUEModel`, method.md §1.5, §2, §3).
 
 import copy
 import difflib
+import json
 import pathlib
 
 import ml_collections
@@ -186,7 +187,8 @@ def validate(config: ml_collections.ConfigDict):
          "seconds >= 0")
   _check(train.steps_per_dispatch > 0, "train.steps_per_dispatch", train.steps_per_dispatch, "a positive integer")
   _check(train.num_devices >= 0, "train.num_devices", train.num_devices, "0 (all) or a positive integer")
-  _check(config.evals.every_epochs >= 0, "evals.every_epochs", config.evals.every_epochs, "0 (off) or a positive integer")
+  _check(config.evals.every_epochs >= 0, "evals.every_epochs", config.evals.every_epochs,
+         "0 (off) or a positive integer")
   _check(config.evals.max_cells > 1, "evals.max_cells", config.evals.max_cells, "an integer > 1")
   try:
     evaluation.parse_metrics(config.evals.metrics)
@@ -240,3 +242,36 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: dict) -> ml_co
       group = group[part]
     group[field] = _typed(key, leaves[key], value)
   return config
+
+
+def comparable(config_dict: dict) -> dict:
+  """The config without the keys that may change between a run and its resumption."""
+  out = json.loads(json.dumps(config_dict))
+  out["train"].pop("progress", None)
+  out.pop("evals", None)  # Evaluation settings do not change training.
+  return out
+
+
+def same_config(saved: dict, current: dict) -> bool:
+  """Whether a saved run's config (config.to_dict() as saved) trains what `current` trains.
+
+  Beyond `comparable`, a key the saved config lacks counts as equal while `current` holds its default: keys that
+  clue_jax added after the run was written (e.g. `model.matmul_dtype`) do not orphan older runs.
+  """
+  saved, current = dict(_flat(comparable(saved))), dict(_flat(comparable(current)))
+  for key in current.keys() - saved.keys():
+    try:
+      if current[key] != default_value(key):
+        return False
+    except KeyError:
+      return False
+    saved[key] = current[key]
+  return saved == current
+
+
+def _flat(tree: dict, prefix: str = ""):
+  for key, value in tree.items():
+    if isinstance(value, dict) and value:
+      yield from _flat(value, f"{prefix}{key}.")
+    else:
+      yield f"{prefix}{key}", value

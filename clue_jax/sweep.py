@@ -75,7 +75,7 @@ def is_finished(point: Point, run_dir: pathlib.Path) -> bool:
   """Whether `run_dir` holds this point's finished run (a run with another config is left to the trainer to refuse)."""
   if not (run_dir / "summary.json").exists() or not (run_dir / "config.json").exists():
     return False
-  return json.loads((run_dir / "config.json").read_text()) == json.loads(point.config.to_json_best_effort())
+  return config_lib.same_config(json.loads((run_dir / "config.json").read_text()), point.config.to_dict())
 
 
 def command_line_value(value) -> str:

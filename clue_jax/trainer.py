@@ -97,39 +97,6 @@ def saved_preprocessing(meta: dict, tree: dict) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------- workdir
-def comparable(config_dict: dict) -> dict:
-  """The config without the keys that may change between a run and its resumption."""
-  out = json.loads(json.dumps(config_dict))
-  out["train"].pop("progress", None)
-  out.pop("evals", None)  # Evaluation settings do not change training.
-  return out
-
-
-def same_config(saved: dict, current: dict) -> bool:
-  """Whether a saved run's config (config.to_dict() as saved) trains what `current` trains.
-
-  Beyond `comparable`, a key the saved config lacks counts as equal while `current` holds its default: keys that
-  clue_jax added after the run was written (e.g. `model.matmul_dtype`) do not orphan older runs.
-  """
-  saved, current = dict(_flat(comparable(saved))), dict(_flat(comparable(current)))
-  for key in current.keys() - saved.keys():
-    try:
-      if current[key] != config_lib.default_value(key):
-        return False
-    except KeyError:
-      return False
-    saved[key] = current[key]
-  return saved == current
-
-
-def _flat(tree: dict, prefix: str = ""):
-  for key, value in tree.items():
-    if isinstance(value, dict) and value:
-      yield from _flat(value, f"{prefix}{key}.")
-    else:
-      yield f"{prefix}{key}", value
-
-
 def prepare_workdir(config, workdir: pathlib.Path, ckpts: checkpoint.Checkpoints):
   """Refuses a workdir holding another run; writes config.json (atomically).
 
@@ -140,7 +107,7 @@ def prepare_workdir(config, workdir: pathlib.Path, ckpts: checkpoint.Checkpoints
   except checkpoint.DamagedCheckpoint as e:
     raise TrainingError(f"no checkpoint in {workdir / 'checkpoints' / 'latest'} can be read ({e}); pass --overwrite "
                         f"to start over") from e
-  if extras is not None and not same_config(extras[3]["config"], config.to_dict()):
+  if extras is not None and not config_lib.same_config(extras[3]["config"], config.to_dict()):
     raise TrainingError(
         f"{workdir} holds a run with a different config (see {workdir / 'config.json'}); use a new --workdir, pass "
         f"--overwrite to start over, or --init_from={workdir} with a new --workdir to fine-tune from it")

@@ -105,7 +105,7 @@ def test_subsample_and_argument_errors():
 def test_evaluation_settings_do_not_block_a_resume():
   a, b = load_config(), load_config()
   b.evals.every_epochs, b.evals.plots = 7, True
-  assert trainer.comparable(a.to_dict()) == trainer.comparable(b.to_dict())
+  assert config_lib.comparable(a.to_dict()) == config_lib.comparable(b.to_dict())
 
 
 # ------------------------------------------------------------------------------------------------- a real run

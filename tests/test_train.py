@@ -20,7 +20,7 @@ import pytest
 
 import jax
 
-from clue_jax import data, parallel, sampler, steps, trainer, writer
+from clue_jax import config as config_lib, data, parallel, sampler, steps, trainer, writer
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 EPOCHS = 4
@@ -308,12 +308,12 @@ def test_runs_saved_before_a_config_key_existed_still_resume():
   current = load_config().to_dict()
   older = json.loads(json.dumps(current))
   del older["model"]["matmul_dtype"], older["data"]["modalities"]["rna"]["weight"]
-  assert trainer.same_config(older, current)
+  assert config_lib.same_config(older, current)
   for key, value in (("model", {"matmul_dtype": "bfloat16"}), ("train", {"lr": 1e-3})):
     changed = json.loads(json.dumps(current))
     changed[key].update(value)
-    assert not trainer.same_config(older, changed)
-  assert not trainer.same_config(current, older)  # A key the current config lacks is a different config.
+    assert not config_lib.same_config(older, changed)
+  assert not config_lib.same_config(current, older)  # A key the current config lacks is a different config.
 
 
 def test_non_finite_loss_stops_with_a_clear_message(tmp_path):
