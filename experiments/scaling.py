@@ -120,6 +120,7 @@ def plot(rows: list, path: pathlib.Path):
   axes[1].set(xlabel="devices", ylabel="held-out FOSCTTM after budget", xscale="log", xticks=ticks)
   for ax in axes:
     ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.legend()
   fig.tight_layout()
   fig.savefig(path, dpi=120)
