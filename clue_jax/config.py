@@ -71,6 +71,9 @@ def get_config() -> ml_collections.ConfigDict:
   # "bfloat16": mixed precision, bf16 matmul operands with float32 accumulation; parameters, BatchNorm, losses and
   # optimiser stay float32 (an addition to the reference, which computes in float32 throughout).
   config.model.matmul_dtype = "float32"
+  # Activation of the NB library-size heads: "relu" as the reference, or "softplus", which cannot die (a ReLU head
+  # can end up outputting 0 for every cell, and its decoder's means with it; an addition to the reference).
+  config.model.library_activation = "relu"
 
   config.loss = ml_collections.ConfigDict()
   config.loss.lam_data = 1.0
@@ -169,6 +172,8 @@ def validate(config: ml_collections.ConfigDict):
   _check(0 <= config.model.dropout < 1, "model.dropout", config.model.dropout, "a probability in [0, 1)")
   _check(config.model.matmul_dtype in ("float32", "bfloat16"), "model.matmul_dtype", config.model.matmul_dtype,
          "float32 or bfloat16")
+  _check(config.model.library_activation in ("relu", "softplus"), "model.library_activation",
+         config.model.library_activation, "relu or softplus")
   for key, value in config.loss.items():
     _check(value >= 0, f"loss.{key}", value, "a number >= 0")
   train = config.train

@@ -158,10 +158,15 @@ class SubspaceEncoder(nn.Module):
     return loc, std
 
 
+LIBRARY_ACTIVATIONS = {"relu": nn.relu, "softplus": nn.softplus}
+
+
 class ModalityEncoder(nn.Module):
   """A modality's row of the encoder matrix: K subspace MLPs (vmapped) plus the NB library-size head.
 
-  The library head gives one size per modality (the size this cell would have in each modality's decoder).
+  The library head gives one size per modality (the size this cell would have in each modality's decoder): a Linear
+  layer over the counts, then `library_activation` (ReLU as the reference, which can die: 0 for every cell; softplus
+  stays positive).
   """
 
   spec: ModalitySpec
@@ -172,6 +177,7 @@ class ModalityEncoder(nn.Module):
   width: int
   dropout: float
   matmul_dtype: str = "float32"
+  library_activation: str = "relu"
 
   @nn.compact
   def __call__(self, rep, counts, train: bool, with_library: bool = True):
@@ -192,7 +198,8 @@ class ModalityEncoder(nn.Module):
     loc, std = loc.reshape(batch, -1), std.reshape(batch, -1)
     library = None
     if self.spec.likelihood == "NB" and (with_library or self.is_initializing()):
-      library = nn.relu(Linear(self.n_modalities, self.matmul_dtype, name="library")(counts))
+      activation = LIBRARY_ACTIVATIONS[self.library_activation]
+      library = activation(Linear(self.n_modalities, self.matmul_dtype, name="library")(counts))
     return loc, std, library
 
 
@@ -311,12 +318,14 @@ class CLUE(nn.Module):
   # every decoder, instead of the K modality-specific subspaces.
   shared_latent: bool = False
   matmul_dtype: str = "float32"  # "bfloat16": mixed precision (bf16 matmul operands, float32 accumulation).
+  library_activation: str = "relu"  # Of the NB library-size heads: "relu" (the reference) or "softplus".
 
   def setup(self):
     k = len(self.specs)
     n_subspaces, subspace_dim = (1, k * self.latent_dim) if self.shared_latent else (k, self.latent_dim)
     self.encoders = {s.name: ModalityEncoder(s, k, n_subspaces, subspace_dim, self.encoder_depth,
-                                             self.encoder_width, self.dropout, self.matmul_dtype) for s in self.specs}
+                                             self.encoder_width, self.dropout, self.matmul_dtype,
+                                             self.library_activation) for s in self.specs}
     self.decoders = {s.name: ModalityDecoder(s, self.decoder_depth, self.decoder_width, self.dropout,
                                              self.matmul_dtype) for s in self.specs}
     self.discriminator = Discriminator(k, self.discriminator_depth, self.discriminator_width, self.dropout,

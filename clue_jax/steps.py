@@ -140,3 +140,15 @@ def make_encode(model: CLUE, name: str):
     return loc
 
   return encode
+
+
+def make_library(model: CLUE, name: str):
+  """The library-size estimates (one per modality: the size in that modality's decoder) of NB modality `name`'s
+  cells."""
+
+  def library(state: TrainState, rep, counts):
+    variables = {"params": state.params, "batch_stats": state.batch_stats}
+    _, _, sizes = model.apply(variables, name, rep, counts, False, True, method=CLUE.encode)
+    return sizes
+
+  return library

@@ -145,17 +145,28 @@ def finished_run(init_from: pathlib.Path, config):
 
 # --------------------------------------------------------------------------------------------------- encoding
 class Encoder:
-  """Posterior means of any rows of a modality, in fixed-size padded chunks (compiled once per modality)."""
+  """Posterior means of any rows of a modality, in fixed-size padded chunks (compiled once per modality); the same
+  for the estimates of an NB modality's library-size head."""
 
   def __init__(self, model: CLUE, dataset: data.Dataset, mesh):
-    self.dataset = dataset
+    self.model, self.dataset = model, dataset
     self.sharding = parallel.batch_sharding(mesh)
     n_dev = mesh.devices.size
     self.chunk = math.ceil(ENCODE_CHUNK / n_dev) * n_dev
     self.part = parallel.process_rows(mesh, self.chunk)  # The rows of each chunk that this process encodes.
     self.fns = {n: jax.jit(steps.make_encode(model, n)) for n in dataset.names}
+    self.library_fns = {}
 
   def __call__(self, state, name: str, rows: np.ndarray) -> np.ndarray:
+    return self.in_chunks(self.fns[name], state, name, rows)
+
+  def library_sizes(self, state, name: str, rows: np.ndarray) -> np.ndarray:
+    """(rows, modalities) library sizes that NB modality `name`'s head estimates for every modality's decoder."""
+    if name not in self.library_fns:
+      self.library_fns[name] = jax.jit(steps.make_library(self.model, name))
+    return self.in_chunks(self.library_fns[name], state, name, rows)
+
+  def in_chunks(self, fn, state, name: str, rows: np.ndarray) -> np.ndarray:
     m = self.dataset.modalities[name]
     out = []
     for start in range(0, len(rows), self.chunk):
@@ -163,9 +174,29 @@ class Encoder:
       padded = np.concatenate([r, np.full(self.chunk - len(r), r[0])])[self.part]
       counts = m.counts[padded].toarray()
       rep = None if m.rep is None else m.rep[padded]
-      loc = self.fns[name](state, parallel.put_local(rep, self.sharding), parallel.put_local(counts, self.sharding))
-      out.append(parallel.fetch(loc)[:len(r)])
+      values = fn(state, parallel.put_local(rep, self.sharding), parallel.put_local(counts, self.sharding))
+      out.append(parallel.fetch(values)[:len(r)])
     return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
+
+
+def library_heads(encoder: Encoder, state, dataset: data.Dataset) -> dict:
+  """{NB modality: {modality: fraction of its cells whose library-size estimate for that modality is > 0}}.
+
+  A ReLU head at 0 for every cell is dead (no gradient brings it back) and its decoder means are ~0: warns.
+  """
+  report = {}
+  for spec in encoder.model.specs:
+    if spec.likelihood != "NB":
+      continue
+    sizes = encoder.library_sizes(state, spec.name, np.arange(dataset.modalities[spec.name].counts.shape[0]))
+    report[spec.name] = {target: float((sizes[:, j] > 0).mean()) for j, target in enumerate(dataset.names)}
+    dead = [target for target, positive in report[spec.name].items() if positive == 0]
+    if dead:
+      warnings.warn(f"the library-size head of {spec.name}'s encoder is dead (a ReLU at 0 for every cell) for the "
+                    f"decoder of {' and '.join(dead)}: means decoded with {spec.name}'s library estimates are ~0. "
+                    f"Train again with another seed, or with --config.model.library_activation=softplus, which "
+                    f"cannot die", stacklevel=1)
+  return report
 
 
 def heldout_foscttm(encoder: Encoder, state, dataset: data.Dataset):
@@ -433,6 +464,7 @@ def train_and_evaluate(config, workdir, init_from=None) -> dict:
   summary = {"epochs_run": schedule.epoch, "restored_epoch": final_epoch, "plan": schedule.to_json()["plan"],
              "early_stopped": schedule.stopped and schedule.epoch < schedule.plan.max_epochs,
              "n_params": n_params, "heldout_foscttm": heldout_foscttm(encoder, state, dataset),
+             "library_heads": library_heads(encoder, state, dataset),
              "embeddings": {k: list(v) for k, v in shapes.items()}}
   if main:
     summary["plots"] = training_eval.final_plots(workdir, config)

@@ -16,7 +16,7 @@ STARTERS = ("cite", "multiome")
 
 def get_config(starter: str = "cite"):
   if starter not in STARTERS:
-    raise ValueError(f"configs/precision.py:{starter}: no such starter; use {' or '.join(STARTERS)}")
+    raise ValueError(f"no such starter {starter!r}; use {' or '.join(STARTERS)}")
   return config_files.load_module(ABLATIONS / f"{starter}.py").get_config()
 
 

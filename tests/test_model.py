@@ -122,3 +122,26 @@ def test_bfloat16_matmuls_keep_float32_parameters_and_outputs():
   grads = jax.grad(lambda p: encode(mixed, p).sum())(variables["params"])
   assert all(g.dtype == jnp.float32 for g in jax.tree.leaves(grads))
   assert "bf16" in jax.jit(lambda p: encode(mixed, p)).lower(variables["params"]).as_text()
+
+
+@pytest.mark.parametrize("activation, positive", [("relu", False), ("softplus", True)])
+def test_library_head_activation(activation, positive):
+  """A library head pushed below zero: ReLU outputs 0 for every cell (dead, no gradient), softplus stays positive
+  with a gradient; both have the same parameters."""
+  model = CLUE(SPECS, latent_dim=4, encoder_width=16, decoder_width=16, library_activation=activation)
+  variables = init(model)
+  assert jax.tree.map(jnp.shape, variables) == jax.tree.map(jnp.shape, init(CLUE(SPECS, latent_dim=4, encoder_width=16,
+                                                                                 decoder_width=16)))
+  params = variables["params"]
+  params["encoders_rna"]["library"]["bias"] = jnp.full((2,), -20.0)
+
+  def library(p):
+    _, _, sizes = model.apply({**variables, "params": p}, "rna", jnp.ones((5, 100)), jnp.ones((5, 2000)), False,
+                              method=CLUE.encode)
+    return sizes
+
+  sizes = library(params)
+  assert sizes.shape == (5, 2)
+  assert bool((sizes > 0).all()) == positive and bool((sizes == 0).all()) != positive
+  grad = jax.grad(lambda p: library(p).sum())(params)["encoders_rna"]["library"]["bias"]
+  assert bool((grad > 0).all()) == positive

@@ -20,7 +20,7 @@ import pytest
 
 import jax
 
-from clue_jax import config as config_lib, data, parallel, sampler, steps, trainer, writer
+from clue_jax import api, config as config_lib, data, parallel, sampler, steps, trainer, writer
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 EPOCHS = 4
@@ -92,6 +92,8 @@ def test_run_directory_is_complete(smoke_run):
       assert np.isfinite(record[key]), key
   assert {"train/loss_self_rna", "val/loss_gen", "val/heldout_foscttm"} <= tensorboard_tags(workdir / "tb")
   assert summary["epochs_run"] == EPOCHS
+  # Both NB library-size heads alive: a positive size for every cell, in both decoders.
+  assert summary["library_heads"] == {"rna": {"rna": 1.0, "adt": 1.0}, "adt": {"rna": 1.0, "adt": 1.0}}
 
   for name, n_cells in (("rna", 600), ("adt", 600)):
     embedding = ad.read_h5ad(workdir / "embeddings" / f"{name}.h5ad")
@@ -233,6 +235,21 @@ def test_damaged_last_checkpoint_falls_back_to_the_previous_one(smoke_run, tmp_p
   records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
   assert [r["epoch"] for r in records] == list(range(1, EPOCHS + 1))
   assert_trees_close(saved_params(run, EPOCHS), saved_params(workdir, EPOCHS), atol=0)
+
+
+def test_a_dead_library_head_is_reported(smoke_run):
+  """The smoke run's model with the RNA encoder's library head pushed below zero for every cell (a dead ReLU):
+  library_heads reports 0 for it and warns with the fix."""
+  workdir, config, _ = smoke_run
+  run = api.load(workdir)
+  dataset = data.load_dataset(config, run.saved)
+  params = jax.tree.map(np.asarray, run.state.params)
+  params["encoders_rna"]["library"]["bias"] = np.full_like(params["encoders_rna"]["library"]["bias"], -1e6)
+  encoder = trainer.Encoder(run.model, dataset, run.mesh)
+  with pytest.warns(UserWarning, match=r"library-size head of rna's encoder is dead \(a ReLU at 0 for every cell\) "
+                                       r"for the decoder of rna and adt.*--config.model.library_activation=softplus"):
+    report = trainer.library_heads(encoder, run.state.replace(params=params), dataset)
+  assert report == {"rna": {"rna": 0.0, "adt": 0.0}, "adt": {"rna": 1.0, "adt": 1.0}}
 
 
 def test_every_checkpoint_unreadable_is_a_clear_error(smoke_run, tmp_path):
