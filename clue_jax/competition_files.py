@@ -20,7 +20,8 @@ TASKS = ("match_modality", "predict_modality", "joint_embedding")
 def starter_file(technology: str, task: str, kind: str) -> pathlib.Path:
   """Path of an embedded starter file, e.g. starter_file("cite", "match_modality", "test_sol")."""
   if technology not in TECHNOLOGIES or task not in TASKS:
-    raise ValueError(f"unknown starter {technology!r}/{task!r}: technology is one of {TECHNOLOGIES}, task one of {TASKS}")
+    raise ValueError(f"unknown starter {technology!r}/{task!r}: technology is one of {TECHNOLOGIES}, task one of "
+                     f"{TASKS}")
   return NEURIPS2021 / technology / task / f"openproblems_bmmc_{technology}_starter.{kind}.h5ad"
 
 

@@ -150,7 +150,8 @@ def cell_cycle_conservation(embedding, batches, expression=None, gene_names=None
   for batch in dict.fromkeys(batches):  # In order of first appearance, as pandas' unique.
     cells = np.flatnonzero(batches == batch)
     if cell_cycle_scores is not None:
-      covariates = np.column_stack([np.asarray(cell_cycle_scores[k], np.float64)[cells] for k in ("S_score", "G2M_score")])
+      covariates = np.column_stack([np.asarray(cell_cycle_scores[k], np.float64)[cells]
+                                    for k in ("S_score", "G2M_score")])
     else:
       covariates = np.column_stack(cell_cycle.cell_cycle_scores(expression[cells], gene_names))
     before = pc_regression(expression[cells], covariates)

@@ -170,5 +170,6 @@ def top_per_row(scores, limit: int) -> sp.csr_matrix:
 def normalize_rows(matrix: sp.csr_matrix) -> sp.csr_matrix:
   totals = np.asarray(matrix.sum(axis=1)).ravel()
   if (totals <= 0).any():
-    raise ValueError(f"{int((totals <= 0).sum())} rows have no positive score (first: {np.flatnonzero(totals <= 0)[0]})")
+    raise ValueError(f"{int((totals <= 0).sum())} rows have no positive score (first: "
+                     f"{np.flatnonzero(totals <= 0)[0]})")
   return sp.csr_matrix(sp.diags(1.0 / totals) @ matrix)

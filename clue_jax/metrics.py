@@ -50,8 +50,8 @@ def match_probability_per_cell(prediction, solution) -> np.ndarray:
   prediction, solution = sp.csr_matrix(prediction, dtype=np.float64), sp.csr_matrix(solution, dtype=np.float64)
   check_match_prediction(prediction, solution.shape[0])
   if solution.shape != prediction.shape or np.any(solution.getnnz(axis=1) != 1):
-    raise ValueError(f"solution must be an N x N permutation matrix with one partner per row; got shape {solution.shape}: "
-                     "pass the task's test_sol matrix")
+    raise ValueError(f"solution must be an N x N permutation matrix with one partner per row; got shape "
+                     f"{solution.shape}: pass the task's test_sol matrix")
   prediction.data = np.maximum(prediction.data, 0.0)
   return np.asarray(prediction.multiply(solution).sum(axis=1)).ravel() / np.asarray(prediction.sum(axis=1)).ravel()
 
@@ -59,13 +59,15 @@ def match_probability_per_cell(prediction, solution) -> np.ndarray:
 def check_match_prediction(prediction, n_cells: int) -> None:
   """The competition's format check of a pairing matrix; a ValueError names what is wrong and the fix."""
   if prediction.shape != (n_cells, n_cells):
-    raise ValueError(f"prediction has shape {prediction.shape} but the test set has {n_cells} cells per modality: give "
-                     f"an {n_cells} x {n_cells} matrix, rows = test mod1 cells and columns = test mod2 cells in file order")
+    raise ValueError(f"prediction has shape {prediction.shape} but the test set has {n_cells} cells per modality: "
+                     f"give an {n_cells} x {n_cells} matrix, rows = test mod1 cells and columns = test mod2 cells in "
+                     f"file order")
   prediction = sp.csr_matrix(prediction)
   limit = MAX_MATCH_NONZEROS_PER_CELL * n_cells
   if prediction.nnz > limit:
-    raise ValueError(f"prediction has {prediction.nnz} non-zeros, over the limit of {MAX_MATCH_NONZEROS_PER_CELL} per "
-                     f"cell ({limit}): keep only each row's top {MAX_MATCH_NONZEROS_PER_CELL} candidates (sparse matrix)")
+    raise ValueError(f"prediction has {prediction.nnz} non-zeros, over the limit of {MAX_MATCH_NONZEROS_PER_CELL} "
+                     f"per cell ({limit}): keep only each row's top {MAX_MATCH_NONZEROS_PER_CELL} candidates (sparse "
+                     f"matrix)")
   if not np.all(np.isfinite(prediction.data)):
     raise ValueError("prediction holds NaN or infinite weights: give finite weights")
   empty = np.flatnonzero(np.asarray(prediction.maximum(0).sum(axis=1)).ravel() <= 0)
@@ -127,8 +129,8 @@ def _overall_correlation(x: np.ndarray, y: np.ndarray) -> float:
 def _dense_pair(prediction, solution):
   prediction, solution = (np.asarray(m.toarray() if sp.issparse(m) else m, np.float64) for m in (prediction, solution))
   if prediction.shape != solution.shape:
-    raise ValueError(f"prediction has shape {prediction.shape} but the solution has {solution.shape}: predict every test "
-                     "cell (rows) x every target feature (columns), in the solution's order")
+    raise ValueError(f"prediction has shape {prediction.shape} but the solution has {solution.shape}: predict every "
+                     "test cell (rows) x every target feature (columns), in the solution's order")
   return prediction, solution
 
 

@@ -28,7 +28,8 @@ def variables(clue, seed):
   # Random values everywhere (heads start at zero, running statistics at 0 / 1), so that every copy is visible.
   leaves, tree = jax.tree.flatten(out)
   keys = jax.random.split(jax.random.key(seed + 100), len(leaves))
-  return jax.tree.unflatten(tree, [jax.random.uniform(k, x.shape, minval=0.5, maxval=1.5) for k, x in zip(keys, leaves)])
+  return jax.tree.unflatten(tree, [jax.random.uniform(k, x.shape, minval=0.5, maxval=1.5)
+                                   for k, x in zip(keys, leaves)])
 
 
 def batches(clue):
@@ -69,7 +70,8 @@ def test_batches_are_matched_by_name_not_position():
   source, fresh = variables(old, 0), variables(new, 1)
   swapped = {"rna": OLD[::-1], "adt": OLD[::-1]}
   adopted = adopt.adopt(source, fresh, batches(old), swapped, shared_batches=True)
-  np.testing.assert_array_equal(adopted["params"]["decoders_rna"]["bias"], source["params"]["decoders_rna"]["bias"][::-1])
+  np.testing.assert_array_equal(adopted["params"]["decoders_rna"]["bias"],
+                                source["params"]["decoders_rna"]["bias"][::-1])
 
 
 def test_other_model_sizes_are_refused_with_the_array_named():

@@ -62,7 +62,8 @@ def test_encode_aligns_features_by_name_and_writes_in_place_when_asked(run, cell
 
 def test_encode_takes_the_modality_out_of_a_mudata(run, cells):
   mudata = types.SimpleNamespace(mod=dict(cells))  # What the API uses of a MuData: `.mod`.
-  np.testing.assert_array_equal(run.encode(mudata, "adt").obsm["X_clue"], run.encode(cells["adt"], "adt").obsm["X_clue"])
+  np.testing.assert_array_equal(run.encode(mudata, "adt").obsm["X_clue"],
+                                run.encode(cells["adt"], "adt").obsm["X_clue"])
   with pytest.raises(api.RunError, match=r"no modality 'rna' \(it has \['adt'\]\)"):
     run.encode(types.SimpleNamespace(mod={"adt": cells["adt"]}), "rna")
 

@@ -123,7 +123,8 @@ def test_knn_label_transfer():
   assert metrics.knn_label_transfer_accuracy(source, source_labels, target, ["a", "b", "b"], k=1) == 1.0
   assert metrics.knn_label_transfer_accuracy(source, source_labels, target, ["b", "a", "a"], k=1) == 0.0
   # k=5 is the whole source: majority "a" everywhere.
-  assert metrics.knn_label_transfer_accuracy(source, source_labels, target, ["a", "b", "b"], k=5) == pytest.approx(1 / 3)
+  accuracy = metrics.knn_label_transfer_accuracy(source, source_labels, target, ["a", "b", "b"], k=5)
+  assert accuracy == pytest.approx(1 / 3)
   # A 1-1 tie goes to the label of the nearer neighbour.
   assert metrics.knn_label_transfer_accuracy([[0.0], [1.0]], ["a", "b"], [[0.4], [0.6]], ["a", "b"], k=2) == 1.0
   with pytest.raises(ValueError, match="k=6"):
