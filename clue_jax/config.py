@@ -201,10 +201,10 @@ def validate(config: ml_collections.ConfigDict):
     raise ConfigError(f"evals.metrics={config.evals.metrics!r}: {e}") from e
 
 
-def _leaves(config: ml_collections.ConfigDict, prefix: str = ""):
-  """(dotted key, value) for every non-group field."""
+def _leaves(config, prefix: str = ""):
+  """(dotted key, value) for every non-group field of a ConfigDict or of its `to_dict()`."""
   for key, value in config.items():
-    if isinstance(value, ml_collections.ConfigDict):
+    if isinstance(value, (ml_collections.ConfigDict, dict)):
       yield from _leaves(value, f"{prefix}{key}.")
     else:
       yield f"{prefix}{key}", value
@@ -263,7 +263,7 @@ def same_config(saved: dict, current: dict) -> bool:
   Beyond `comparable`, a key the saved config lacks counts as equal while `current` holds its default: keys that
   clue_jax added after the run was written (e.g. `model.matmul_dtype`) do not orphan older runs.
   """
-  saved, current = dict(_flat(comparable(saved))), dict(_flat(comparable(current)))
+  saved, current = dict(_leaves(comparable(saved))), dict(_leaves(comparable(current)))
   for key in current.keys() - saved.keys():
     try:
       if current[key] != default_value(key):
@@ -273,10 +273,3 @@ def same_config(saved: dict, current: dict) -> bool:
     saved[key] = current[key]
   return saved == current
 
-
-def _flat(tree: dict, prefix: str = ""):
-  for key, value in tree.items():
-    if isinstance(value, dict) and value:
-      yield from _flat(value, f"{prefix}{key}.")
-    else:
-      yield f"{prefix}{key}", value
