@@ -227,7 +227,10 @@ class Run:
     return sizes
 
   def median_library(self, target: str) -> float:
-    """Median total counts of the target's features over the cells of its training file (read once)."""
+    """Median total counts of the target's features over the cells of its training file: saved with the run (runs
+    older than that read the training file once)."""
+    if target in self.saved["median_library"]:
+      return self.saved["median_library"][target]
     if target not in self._median_library:
       spec = self.config.data.modalities[target]
       trained = {"features": self.saved["features"][target], "rep_features": None}
@@ -236,8 +239,7 @@ class Run:
       except data.DataError as e:
         raise RunError(f"the library size of {target!r} defaults to its median over the training cells, but the "
                        f"training file cannot be read ({e}); pass library_size=<a number>") from e
-      counts = data.decoder_counts(raw, target)
-      self._median_library[target] = float(np.median(np.asarray(counts.sum(axis=1)).ravel()))
+      self._median_library[target] = trainer.median_total(data.decoder_counts(raw, target))
     return self._median_library[target]
 
   # ----------------------------------------------------------------------------------------------------- match

@@ -83,7 +83,14 @@ def run_meta(config, dataset: data.Dataset) -> dict:
       "batch_categories": {n: list(m.batch_categories) for n, m in dataset.modalities.items()},
       "label_categories": list(dataset.label_categories),
       "preprocess_kind": {n: str(m.preprocess["kind"]) for n, m in dataset.modalities.items() if m.preprocess},
+      "median_library": {n: median_total(m.counts) for n, m in dataset.modalities.items()
+                         if config.data.modalities[n].likelihood == "NB"},
   }
+
+
+def median_total(counts) -> float:
+  """Median total counts per cell: an NB target's default library size at prediction."""
+  return float(np.median(np.asarray(counts.sum(axis=1)).ravel()))
 
 
 def saved_preprocessing(meta: dict, tree: dict) -> dict:
@@ -93,7 +100,8 @@ def saved_preprocessing(meta: dict, tree: dict) -> dict:
     states[name] = {"kind": np.array(kind), **{k: np.asarray(v) for k, v in tree[name].items()}}
   return {"preprocess": states, "label_categories": meta["label_categories"],
           "batch_categories": {n: tuple(c) for n, c in meta["batch_categories"].items()},
-          "features": meta["features"], "rep_features": meta.get("rep_features", {})}
+          "features": meta["features"], "rep_features": meta.get("rep_features", {}),
+          "median_library": meta.get("median_library", {})}
 
 
 # ------------------------------------------------------------------------------------------------- workdir

@@ -6,6 +6,7 @@ import re
 import types
 
 import anndata as ad
+import ml_collections
 import numpy as np
 import pytest
 from scipy import stats
@@ -99,6 +100,20 @@ def test_predict_nb_mean_is_proportional_to_the_library_size(run, cells):
   np.testing.assert_allclose(per_cell, once * (sizes / 100.0)[:, None], rtol=1e-4)
   log1p = run.predict(adt, "adt", "rna", normalized=True).X
   np.testing.assert_allclose(np.expm1(log1p).sum(axis=1), run.median_library("rna"), rtol=1e-4)
+
+
+def test_the_default_library_size_is_saved_with_the_run(run):
+  saved = run.saved["median_library"]
+  assert set(saved) == {"rna", "adt"}  # Both smoke modalities are NB.
+  config = ml_collections.ConfigDict(run.config.to_dict())
+  older = api.Run(run.workdir, config, {**run.saved, "median_library": {}}, run.model, run.state, run.mesh, run.epoch)
+  assert older.median_library("rna") == pytest.approx(saved["rna"])  # Runs without it read the training file.
+  config.data.modalities.adt.path = "/nonexistent/adt.h5ad"
+  assert run.median_library("adt") == saved["adt"]
+  moved = api.Run(run.workdir, config, run.saved, run.model, run.state, run.mesh, run.epoch)
+  assert moved.median_library("adt") == saved["adt"]  # The training file is not needed.
+  with pytest.raises(api.RunError, match="training file cannot be read.*pass library_size"):
+    older.median_library("adt")
 
 
 def test_predict_batches(run, cells):
