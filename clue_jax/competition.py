@@ -115,9 +115,12 @@ def subtask(types: tuple[str, str]) -> str:
 
 
 def official(prefix: str) -> dict:
-  """The baseline's official scores shipped next to the task files ({} when absent)."""
+  """The baseline's official scores shipped next to the task files ({} when absent), on the metrics' own scale."""
   path = competition_data.task_path(prefix, "scores")
-  return competition_files.read_scores(path) if path.is_file() else {}
+  scores = competition_files.read_scores(path) if path.is_file() else {}
+  if scores.get("match_probability", 0.0) > 1.0:  # The Multiome starter's file holds 1000 x the score (EvalAI display).
+    scores["match_probability"] /= 1000.0
+  return scores
 
 
 def write_prediction(path: pathlib.Path, matrix, obs_names, var_names, dataset_id: str):
@@ -146,8 +149,6 @@ def match_modality(fitted: api.Run, names, competition, test_batches: dict, work
   write_prediction(workdir / "match_modality" / "prediction.h5ad", forward, files["test_mod1"].obs_names,
                    files["test_mod2"].obs_names, str(files["test_sol"].uns.get("dataset_id", "")))
   baseline = official(prefix).get("match_probability")
-  if baseline is not None and baseline > 1.0:  # The Multiome starter's file holds 1000 x the score (EvalAI display).
-    baseline /= 1000.0
   return {
       subtask(types): {"match_probability": metrics.match_probability(forward, solution), "baseline": baseline},
       subtask(types[::-1]): {"match_probability": metrics.match_probability(backward, solution.T.tocsr())},

@@ -33,6 +33,17 @@ def test_stage_files_pair_training_cells_through_the_solution_and_leave_test_cel
   assert set(finetune["atac"].obs["batch"]) == {"s1d1", "s1d2"}
 
 
+def test_official_baselines_are_on_the_metrics_scale():
+  """The Multiome starter's match file holds 1000 x the baseline's probability (as EvalAI displayed it)."""
+  prefixes = {t: recipe(t)[1].match_modality for t in ("cite", "multiome")}
+  stored = cf.read_scores(competition_data.task_path(prefixes["multiome"], "scores"))["match_probability"]
+  assert stored > 1.0
+  assert competition.official(prefixes["multiome"])["match_probability"] == pytest.approx(stored / 1000.0)
+  cite = competition.official(prefixes["cite"])["match_probability"]
+  assert 0.0 < cite < 1.0
+  assert cite == cf.read_scores(competition_data.task_path(prefixes["cite"], "scores"))["match_probability"]
+
+
 def test_a_missing_task_file_names_the_file(tmp_path):
   with pytest.raises(competition_data.TaskFileError, match=rf"{tmp_path}/x.train_mod1.h5ad: no such task file"):
     competition_data.read_task(str(tmp_path / "x"))
