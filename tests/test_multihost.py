@@ -1,5 +1,6 @@
 """Two processes joined by `jax.distributed` (gloo over TCP on 127.0.0.1, 2 fake CPU devices each) train the same model
-as one process with 4 devices, resume together after being killed, and what they save restores in one process.
+as one process with 4 devices, resume together after being killed, fine-tune a run (`--init_from`) as one process
+does, and what they save restores in one process.
 
 The pair runs the real command line (`python -m clue_jax.train ... --num_processes=2 --process_id=I`) on
 configs/smoke.py while this process (4 fake devices, tests/conftest.py) trains the same config. Both members of the
@@ -71,14 +72,16 @@ def smoke_config():
   return config
 
 
-def launch_pair(workdir: pathlib.Path, logs: list) -> list:
-  """Starts the two processes of the pair on `workdir`, each writing its output to its log."""
+def launch_pair(workdir: pathlib.Path, logs: list, init_from: pathlib.Path | None = None) -> list:
+  """Starts the two processes of the pair on `workdir` (fine-tuning the run in `init_from`, if given), each writing
+  its output to its log."""
   env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2",
              JAX_DISABLE_MOST_OPTIMIZATIONS="1")
   command = [sys.executable, "-m", "clue_jax.train", f"--config={ROOT / 'configs' / 'smoke.py'}",
              f"--workdir={workdir}", "--config.train.data_on_device=False",
              *(f"--config.train.{k}={v}" for k, v in OVERRIDES.items()),
-             f"--coordinator_address=127.0.0.1:{free_port()}", f"--num_processes={PROCESSES}"]
+             f"--coordinator_address=127.0.0.1:{free_port()}", f"--num_processes={PROCESSES}",
+             *([f"--init_from={init_from}"] if init_from else [])]
   processes = []
   for i, log in enumerate(logs):
     with open(log, "w") as f:
@@ -109,6 +112,16 @@ def wait_all(processes: list, timeout: float = 300):
         process.kill()
 
 
+def train_alone(workdir: pathlib.Path, init_from: pathlib.Path | None = None):
+  """Trains the smoke config in this process (4 devices), XLA optimisations off like the pair's."""
+  before = jax.config.values["jax_disable_most_optimizations"]
+  jax.config.update("jax_disable_most_optimizations", True)
+  try:
+    trainer.train_and_evaluate(smoke_config(), workdir, init_from=init_from)
+  finally:
+    jax.config.update("jax_disable_most_optimizations", before)
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
   """(pair workdir, single-process workdir, pair logs): the pair trained, killed after epoch 1 and resumed in
@@ -121,12 +134,7 @@ def runs(tmp_path_factory):
   killer = threading.Thread(target=kill_after_first_checkpoint, args=(pair, processes, outcome))
   killer.start()
   try:
-    before = jax.config.values["jax_disable_most_optimizations"]
-    jax.config.update("jax_disable_most_optimizations", True)
-    try:
-      trainer.train_and_evaluate(smoke_config(), tmp / "single")
-    finally:
-      jax.config.update("jax_disable_most_optimizations", before)
+    train_alone(tmp / "single")
   finally:
     killer.join()
     wait_all(processes)
@@ -138,6 +146,23 @@ def runs(tmp_path_factory):
   for process, log in zip(processes, logs):
     assert process.returncode == 0, log.read_text()[-4000:]
   return pair, tmp / "single", logs
+
+
+@pytest.fixture(scope="module")
+def finetuned(runs):
+  """(pair workdir, single-process workdir, pair logs): the single-process run fine-tuned (`--init_from`) by the pair
+  and, at the same time, by this process."""
+  _, single, _ = runs
+  tmp = single.parent
+  logs = [tmp / f"finetune{i}.log" for i in range(PROCESSES)]
+  processes = launch_pair(tmp / "pair_finetuned", logs, init_from=single)
+  try:
+    train_alone(tmp / "single_finetuned", init_from=single)
+  finally:
+    wait_all(processes)
+  for process, log in zip(processes, logs):
+    assert process.returncode == 0, log.read_text()[-4000:]
+  return tmp / "pair_finetuned", tmp / "single_finetuned", logs
 
 
 def model_and_record(workdir: pathlib.Path):
@@ -154,6 +179,19 @@ def test_two_processes_train_the_model_of_one(runs):
   assert f"Resuming {pair} from epoch 1." in logs[0].read_text()
   pair_model, pair_record = model_and_record(pair)  # Restores the pair's checkpoint, SHA-256 checked.
   single_model, single_record = model_and_record(single)
+  assert_same_model(single_model, single_record, pair_model, pair_record)
+
+
+def test_two_processes_fine_tune_as_one(finetuned):
+  """`--init_from` in the pair: each process restores the one-process run's final model, and the pair ends where
+  one process fine-tuning the same run ends."""
+  pair, single, logs = finetuned
+  log = logs[0].read_text()
+  assert f"Starting from the parameters of {single.parent / 'single'} (epoch {EPOCHS})." in log
+  assert "Resuming" not in log
+  pair_model, pair_record = model_and_record(pair)
+  single_model, single_record = model_and_record(single)
+  assert pair_record["epoch"] == EPOCHS
   assert_same_model(single_model, single_record, pair_model, pair_record)
 
 
