@@ -13,6 +13,10 @@ Default shape: the reference's benchmark preset (benchmark.md §B): 3,000 fully 
     measured f32 matmul FLOP/s;
   * with --ref-python (a venv with scglue, see reference_scglue.py), the reference's cells/s measured in the same
     run on the same shape, and the ratio.
+
+With --rounds R every figure is measured R times in turn (matmul FLOP/s, steps, loop, reference, then again), so that
+each round's ratios compare measurements taken minutes apart on a machine whose speed drifts; it reports the medians
+and, beside them, each round's figures.
 """
 
 import argparse
@@ -80,57 +84,59 @@ def matmul_flops(n: int = 2048, repeats: int = 20) -> float:
   return 2 * n ** 3 * repeats / (time.perf_counter() - started)
 
 
-def measure(config, epochs: int) -> dict:
-  dataset = data.load_dataset(config)
-  model = trainer.model_from(config, dataset)
-  weights = trainer.loss_weights(config, dataset.names)
-  mesh = parallel.make_mesh(config.train.num_devices)
-  parallel.check_batch_size(config.train.batch_size, mesh)
-  batch_size, per_dispatch = config.train.batch_size, config.train.steps_per_dispatch
-  rng = np.random.default_rng(0)
-  rows = sampler.epoch_rows(dataset.pairing, dataset.train_ids, rng, batch_size, drop_last=True)
-  n_steps = len(rows.valid) // batch_size
+class Timers:
+  """The compiled train chunk and epoch loop of `config`, each timed on demand (cells/s; compile excluded)."""
 
-  def chunk_at(epoch_rows, first, count):
-    return data.steps_chunk(dataset, epoch_rows, first, count, batch_size)
+  def __init__(self, config, epochs: int):
+    self.dataset = dataset = data.load_dataset(config)
+    self.model = model = trainer.model_from(config, dataset)
+    weights = trainer.loss_weights(config, dataset.names)
+    self.mesh = mesh = parallel.make_mesh(config.train.num_devices)
+    parallel.check_batch_size(config.train.batch_size, mesh)
+    self.batch_size, self.per_dispatch, self.epochs = config.train.batch_size, config.train.steps_per_dispatch, epochs
+    self.rng = np.random.default_rng(0)
+    rows = self.epoch_rows()
+    self.n_steps = len(rows.valid) // self.batch_size
+    chunk_sharding = parallel.batch_sharding(mesh, 1)
+    example = jax.tree.map(lambda x: x[0], self.chunk_at(rows, 0, 1))
+    self.state = jax.jit(lambda k, b: steps.init_state(model, k, b), out_shardings=parallel.replicated(mesh))(
+        jax.random.key(0), example)
+    self.train_chunk = jax.jit(steps.make_train_chunk(model, weights, True), donate_argnums=0)
+    self.inputs = (jax.random.key(1), np.float32(2e-3), np.float32(0.5))
+    # XLA's cost analysis counts a scan body once: cost a one-step program.
+    one_step = parallel.put(self.chunk_at(rows, 0, 1), chunk_sharding)
+    cost = self.train_chunk.lower(self.state, one_step, *self.inputs).compile().cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    self.flops_per_cell = float(cost["flops"]) / self.batch_size
+    self.device_chunk = parallel.put(self.chunk_at(rows, 0, self.per_dispatch), chunk_sharding)
+    self.state, _ = self.train_chunk(self.state, self.device_chunk, *self.inputs)  # Compiles.
+    # The trainer's own epoch loop (data on the devices unless --host-data), compiled by a first epoch.
+    self.run_epoch = trainer.make_epoch_runner(config, model, weights, dataset, mesh)
+    self.state, _ = self.run_epoch(self.state, self.epoch_rows(), self.n_steps, *self.inputs)
+    jax.block_until_ready(self.state)
 
-  chunk_sharding = parallel.batch_sharding(mesh, 1)
-  example = jax.tree.map(lambda x: x[0], chunk_at(rows, 0, 1))
-  state = jax.jit(lambda k, b: steps.init_state(model, k, b), out_shardings=parallel.replicated(mesh))(
-      jax.random.key(0), example)
-  train_chunk = jax.jit(steps.make_train_chunk(model, weights, True), donate_argnums=0)
-  key, lr, noise = jax.random.key(1), np.float32(2e-3), np.float32(0.5)
-  # XLA's cost analysis counts a scan body once: cost a one-step program.
-  one_step = parallel.put(chunk_at(rows, 0, 1), chunk_sharding)
-  cost = train_chunk.lower(state, one_step, key, lr, noise).compile().cost_analysis()
-  cost = cost[0] if isinstance(cost, list) else cost
-  flops_per_cell = float(cost["flops"]) / batch_size
-  device_chunk = parallel.put(chunk_at(rows, 0, per_dispatch), chunk_sharding)
+  def epoch_rows(self):
+    return sampler.epoch_rows(self.dataset.pairing, self.dataset.train_ids, self.rng, self.batch_size, drop_last=True)
 
-  state, _ = train_chunk(state, device_chunk, key, lr, noise)  # warm-up
-  jax.block_until_ready(state)
-  repeats = max(1, (epochs * n_steps) // per_dispatch)
-  started = time.perf_counter()
-  for _ in range(repeats):
-    state, measured = train_chunk(state, device_chunk, key, lr, noise)
-  jax.block_until_ready(state)
-  device_seconds = time.perf_counter() - started
-  step_cells_per_s = repeats * per_dispatch * batch_size / device_seconds
+  def chunk_at(self, epoch_rows, first, count):
+    return data.steps_chunk(self.dataset, epoch_rows, first, count, self.batch_size)
 
-  # The trainer's own epoch loop (data on the devices unless --host-data), compiled by a first epoch.
-  run_epoch = trainer.make_epoch_runner(config, model, weights, dataset, mesh)
-  epoch_rows = sampler.epoch_rows(dataset.pairing, dataset.train_ids, rng, batch_size, drop_last=True)
-  state, _ = run_epoch(state, epoch_rows, n_steps, key, lr, noise)
-  jax.block_until_ready(state)
-  started = time.perf_counter()
-  for epoch in range(epochs):
-    epoch_rows = sampler.epoch_rows(dataset.pairing, dataset.train_ids, rng, batch_size, drop_last=True)
-    state, measured = run_epoch(state, epoch_rows, n_steps, key, lr, noise)
-  jax.block_until_ready(state)
-  loop_cells_per_s = epochs * n_steps * batch_size / (time.perf_counter() - started)
-  return {"devices": int(mesh.devices.size), "n_params": steps.count_params(state.params),
-          "flops_per_cell": flops_per_cell, "step_cells_per_s": step_cells_per_s,
-          "loop_cells_per_s": loop_cells_per_s}
+  def steps(self) -> float:
+    """Cells/s of the jitted train chunk on one device-resident chunk, over about `epochs` epochs of steps."""
+    repeats = max(1, (self.epochs * self.n_steps) // self.per_dispatch)
+    started = time.perf_counter()
+    for _ in range(repeats):
+      self.state, _ = self.train_chunk(self.state, self.device_chunk, *self.inputs)
+    jax.block_until_ready(self.state)
+    return repeats * self.per_dispatch * self.batch_size / (time.perf_counter() - started)
+
+  def loop(self) -> float:
+    """Cells/s of the trainer's epoch loop over `epochs` whole epochs (fresh minibatches each)."""
+    started = time.perf_counter()
+    for _ in range(self.epochs):
+      self.state, _ = self.run_epoch(self.state, self.epoch_rows(), self.n_steps, *self.inputs)
+    jax.block_until_ready(self.state)
+    return self.epochs * self.n_steps * self.batch_size / (time.perf_counter() - started)
 
 
 def reference_cells_per_s(python: str, n_cells: int, preset: str) -> float:
@@ -148,19 +154,29 @@ def main():
   parser.add_argument("--devices", type=int, default=0, help="0 = all visible devices")
   parser.add_argument("--steps-per-dispatch", type=int, default=8)
   parser.add_argument("--epochs", type=int, default=5)
+  parser.add_argument("--rounds", type=int, default=1, help="measurements, each of every figure in turn")
   parser.add_argument("--host-data", action="store_true", help="densify minibatches on the host (no data on device)")
   parser.add_argument("--preset", choices=["defaults", "competition_cite"], default="defaults")
   parser.add_argument("--ref-python", help="python of a venv with scglue: also measure the reference")
   args = parser.parse_args()
   with tempfile.TemporaryDirectory() as tmp:
-    result = measure(bench_config(synthetic_files(pathlib.Path(tmp), args.cells), args), args.epochs)
-  peak = matmul_flops()
-  result["matmul_gflops"] = peak / 1e9
-  result["fraction_of_matmul_peak"] = result["step_cells_per_s"] * result["flops_per_cell"] / peak
-  result["device"] = jax.devices()[0].device_kind
-  if args.ref_python:
-    result["reference_cells_per_s"] = reference_cells_per_s(args.ref_python, args.cells, args.preset)
-    result["ratio_vs_reference"] = result["loop_cells_per_s"] / result["reference_cells_per_s"]
+    timers = Timers(bench_config(synthetic_files(pathlib.Path(tmp), args.cells), args), args.epochs)
+  rounds = []
+  for _ in range(args.rounds):
+    measured = {"matmul_gflops": matmul_flops() / 1e9, "step_cells_per_s": timers.steps(),
+                "loop_cells_per_s": timers.loop()}
+    measured["fraction_of_matmul_peak"] = (measured["step_cells_per_s"] * timers.flops_per_cell
+                                           / (measured["matmul_gflops"] * 1e9))
+    if args.ref_python:
+      measured["reference_cells_per_s"] = reference_cells_per_s(args.ref_python, args.cells, args.preset)
+      measured["ratio_vs_reference"] = measured["loop_cells_per_s"] / measured["reference_cells_per_s"]
+    rounds.append(measured)
+  result = {"devices": int(timers.mesh.devices.size), "device": jax.devices()[0].device_kind,
+            "n_params": steps.count_params(timers.state.params), "flops_per_cell": timers.flops_per_cell}
+  for key in rounds[0]:  # The median over the rounds, and each round's figure.
+    result[key] = float(np.median([r[key] for r in rounds]))
+    if args.rounds > 1:
+      result[f"{key}_rounds"] = [r[key] for r in rounds]
   print(json.dumps(result, indent=2))
 
 
