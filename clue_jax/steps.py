@@ -131,24 +131,13 @@ def make_eval_step(model: CLUE, weights: losses.Weights, normalize_u: bool):
   return evaluate
 
 
-def make_encode(model: CLUE, name: str):
-  """Posterior means (all K * latent_dim dimensions) of modality `name`'s cells."""
+def make_encode(model: CLUE, name: str, library: bool = False):
+  """Posterior means (all K * latent_dim dimensions) of modality `name`'s cells; with `library`, the estimates of NB
+  modality `name`'s library-size head instead (one per modality: the size in that modality's decoder)."""
 
   def encode(state: TrainState, rep, counts):
     variables = {"params": state.params, "batch_stats": state.batch_stats}
-    loc, _, _ = model.apply(variables, name, rep, counts, False, False, method=CLUE.encode)
-    return loc
+    loc, _, sizes = model.apply(variables, name, rep, counts, False, library, method=CLUE.encode)
+    return sizes if library else loc
 
   return encode
-
-
-def make_library(model: CLUE, name: str):
-  """The library-size estimates (one per modality: the size in that modality's decoder) of NB modality `name`'s
-  cells."""
-
-  def library(state: TrainState, rep, counts):
-    variables = {"params": state.params, "batch_stats": state.batch_stats}
-    _, _, sizes = model.apply(variables, name, rep, counts, False, True, method=CLUE.encode)
-    return sizes
-
-  return library

@@ -171,7 +171,7 @@ class Encoder:
   def library_sizes(self, state, name: str, rows: np.ndarray) -> np.ndarray:
     """(rows, modalities) library sizes that NB modality `name`'s head estimates for every modality's decoder."""
     if name not in self.library_fns:
-      self.library_fns[name] = jax.jit(steps.make_library(self.model, name))
+      self.library_fns[name] = jax.jit(steps.make_encode(self.model, name, library=True))
     return self.in_chunks(self.library_fns[name], state, name, rows)
 
   def in_chunks(self, fn, state, name: str, rows: np.ndarray) -> np.ndarray:

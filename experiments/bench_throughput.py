@@ -89,7 +89,7 @@ class Timers:
 
   def __init__(self, config, epochs: int):
     self.dataset = dataset = data.load_dataset(config)
-    self.model = model = trainer.model_from(config, dataset)
+    model = trainer.model_from(config, dataset)
     weights = trainer.loss_weights(config, dataset.names)
     self.mesh = mesh = parallel.make_mesh(config.train.num_devices)
     parallel.check_batch_size(config.train.batch_size, mesh)
