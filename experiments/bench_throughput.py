@@ -1,7 +1,7 @@
 """Training throughput of clue_jax, the machine's dense-matmul FLOP/s, and (optionally) the PyTorch reference.
 
   python experiments/bench_throughput.py [--cells 3000] [--batch-size 128] [--devices 0] [--preset defaults]
-      [--ref-python /tmp/ref/bin/python]
+      [--matmul-dtype float32] [--ref-python /tmp/ref/bin/python]
 
 Default shape: the reference's benchmark preset (benchmark.md §B): 3,000 fully paired synthetic cells, NB counts of
 2,000 + 100 features, 2 batches, 100-d encoder inputs, batch 128, library-default model. Reports
@@ -69,6 +69,7 @@ def bench_config(paths: dict, args) -> config_lib.ml_collections.ConfigDict:
   config.train.num_devices = args.devices
   config.train.steps_per_dispatch = args.steps_per_dispatch
   config.train.data_on_device = not args.host_data
+  config.model.matmul_dtype = args.matmul_dtype
   return config
 
 
@@ -157,6 +158,8 @@ def main():
   parser.add_argument("--rounds", type=int, default=1, help="measurements, each of every figure in turn")
   parser.add_argument("--host-data", action="store_true", help="densify minibatches on the host (no data on device)")
   parser.add_argument("--preset", choices=["defaults", "competition_cite"], default="defaults")
+  parser.add_argument("--matmul-dtype", choices=["float32", "bfloat16"], default="float32",
+                      help="model.matmul_dtype of clue_jax (the reference always runs float32)")
   parser.add_argument("--ref-python", help="python of a venv with scglue: also measure the reference")
   args = parser.parse_args()
   with tempfile.TemporaryDirectory() as tmp:

@@ -39,7 +39,7 @@ def throughput(n_devices: int, batch_size: int, cells: int, epochs: int) -> floa
   from clue_jax import data, parallel, sampler, steps, trainer
   with tempfile.TemporaryDirectory() as tmp:
     args = argparse.Namespace(preset="defaults", batch_size=batch_size, devices=n_devices, steps_per_dispatch=8,
-                              host_data=False)
+                              host_data=False, matmul_dtype="float32")
     config = bench_throughput.bench_config(bench_throughput.synthetic_files(pathlib.Path(tmp), cells), args)
     dataset = data.load_dataset(config)
   model = trainer.model_from(config, dataset)

@@ -49,7 +49,11 @@ def test_known_batches_decode_and_discriminate_as_before_and_new_rows_stay_fresh
       before = old.apply(source, name, z, same, library, False, method=CLUE.decode)
       after = new.apply(adopted, name, z, new_index, library, False, method=CLUE.decode)
       for key in before:
-        np.testing.assert_allclose(after[key], before[key], rtol=1e-6, err_msg=f"{name} {key} {category}")
+        # Float round-off only: relative to each array's scale (softmax means of ~1e-20 differ by ~1e-5 relatively
+        # between the two compiled shapes on AVX-512 CPUs).
+        scale = float(np.abs(np.asarray(before[key])).max())
+        np.testing.assert_allclose(after[key], before[key], rtol=1e-6, atol=1e-6 * scale,
+                                   err_msg=f"{name} {key} {category}")
     v = jax.random.normal(jax.random.key(3), (5, 6))
     np.testing.assert_allclose(new.apply(adopted, v, new_index, False, method=CLUE.discriminate),
                                old.apply(source, v, same, False, method=CLUE.discriminate), rtol=1e-6)
