@@ -10,7 +10,7 @@ Default shape: the reference's benchmark preset (benchmark.md §B): 3,000 fully 
     loop (`trainer.make_epoch_runner`: minibatches gathered on the devices, or densified on the host with
     --host-data) over whole epochs;
   * model FLOPs per training cell (XLA's cost analysis of the compiled chunk) and the achieved fraction of the
-    measured f32 matmul FLOP/s;
+    measured f32 matmul FLOP/s (with --matmul-dtype bfloat16, also of the measured bf16 matmul FLOP/s);
   * with --ref-python (a venv with scglue, see reference_scglue.py), the reference's cells/s measured in the same
     run on the same shape, and the ratio.
 
@@ -73,10 +73,10 @@ def bench_config(paths: dict, args) -> config_lib.ml_collections.ConfigDict:
   return config
 
 
-def matmul_flops(n: int = 2048, repeats: int = 20) -> float:
-  """Measured f32 dense matmul FLOP/s of the default device."""
-  a = jnp.ones((n, n), jnp.float32)
-  f = jax.jit(lambda x: x @ x)
+def matmul_flops(n: int = 2048, repeats: int = 20, dtype=jnp.float32) -> float:
+  """Measured dense matmul FLOP/s of the default device (`dtype` operands, float32 accumulation)."""
+  a = jnp.ones((n, n), dtype)
+  f = jax.jit(lambda x: jnp.dot(x, x, preferred_element_type=jnp.float32))
   f(a).block_until_ready()
   started = time.perf_counter()
   for _ in range(repeats):
@@ -170,6 +170,10 @@ def main():
                 "loop_cells_per_s": timers.loop()}
     measured["fraction_of_matmul_peak"] = (measured["step_cells_per_s"] * timers.flops_per_cell
                                            / (measured["matmul_gflops"] * 1e9))
+    if args.matmul_dtype == "bfloat16":  # The same FLOPs against the bf16 products' own rate.
+      measured["bf16_matmul_gflops"] = matmul_flops(dtype=jnp.bfloat16) / 1e9
+      measured["fraction_of_bf16_matmul_peak"] = (measured["step_cells_per_s"] * timers.flops_per_cell
+                                                  / (measured["bf16_matmul_gflops"] * 1e9))
     if args.ref_python:
       measured["reference_cells_per_s"] = reference_cells_per_s(args.ref_python, args.cells, args.preset)
       measured["ratio_vs_reference"] = measured["loop_cells_per_s"] / measured["reference_cells_per_s"]

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from clue_jax import steps
-from clue_jax.model import CLUE, ModalitySpec, SubspaceEncoder
+from clue_jax.model import CLUE, ModalitySpec, SubspaceEncoder, bf16_matmul
 
 SPECS = (ModalitySpec("rna", 100, 2000, 2, "NB", False), ModalitySpec("adt", 100, 100, 2, "NB", False))
 COMPETITION_CITE = dict(latent_dim=20, encoder_width=512, decoder_depth=1, decoder_width=128,
@@ -123,6 +123,31 @@ def test_bfloat16_matmuls_keep_float32_parameters_and_outputs():
   assert all(g.dtype == jnp.float32 for g in jax.tree.leaves(grads))
   assert "bf16" in jax.jit(lambda p: encode(mixed, p)).lower(variables["params"]).as_text()
 
+
+
+def test_bf16_matmul_gradient_multiplies_bf16_operands_into_float32():
+  """Forward and both gradient products take bf16 operands and accumulate in float32; values and gradients stay
+  within bf16 rounding of float32, also under vmap with a shared input (as the subspace encoders call it)."""
+  x = jax.random.normal(jax.random.key(0), (48, 40))
+  w = jax.random.normal(jax.random.key(1), (3, 40, 24))
+  cotangent = jax.random.normal(jax.random.key(2), (3, 48, 24))
+
+  def loss(matmul, x, w):
+    return (jax.vmap(matmul, in_axes=(None, 0))(x, w) * cotangent).sum()
+
+  products = [e for e in jax.make_jaxpr(jax.grad(lambda x, w: loss(bf16_matmul, x, w), (0, 1)))(x, w).eqns
+              if e.primitive.name == "dot_general"]
+  assert len(products) == 3
+  assert all(v.aval.dtype == jnp.bfloat16 for e in products for v in e.invars)
+  assert all(v.aval.dtype == jnp.float32 for e in products for v in e.outvars)
+  exact = jax.grad(lambda x, w: loss(jnp.dot, x, w), (0, 1))(x, w)
+  mixed = jax.jit(jax.grad(lambda x, w: loss(bf16_matmul, x, w), (0, 1)))(x, w)
+  for got, want in zip(mixed, exact):
+    assert got.dtype == jnp.float32
+    assert 0 < float(jnp.abs(got - want).max()) < 0.02 * float(jnp.abs(want).max())
+  exact = x @ w
+  mixed_product = jax.vmap(bf16_matmul, in_axes=(None, 0))(x, w)
+  np.testing.assert_allclose(mixed_product, exact, atol=0.02 * float(jnp.abs(exact).max()))
 
 @pytest.mark.parametrize("activation, positive", [("relu", False), ("softplus", True)])
 def test_library_head_activation(activation, positive):
