@@ -162,23 +162,29 @@ def test_same_step_on_one_and_four_devices():
 
 
 
-def test_a_non_finite_step_changes_nothing_but_the_step_counter():
-  """An infinite anneal noise makes the discriminator loss NaN: the step keeps every parameter, optimiser state and
-  running statistic as it was; the same step with finite noise changes every one of them."""
+@pytest.mark.parametrize("matmul_dtype", ["float32", "bfloat16"])
+def test_a_non_finite_step_changes_nothing_but_the_step_counter(matmul_dtype):
+  """On 4 devices: an infinite anneal noise makes the discriminator loss NaN, and the step keeps every parameter,
+  optimiser state and running statistic as it was; the same step with finite noise changes every one of them."""
   config = load_config()
+  config.model.matmul_dtype = matmul_dtype
   dataset = data.load_dataset(config)
   model = trainer.model_from(config, dataset)
   rows = sampler.epoch_rows(dataset.pairing, dataset.train_ids, np.random.default_rng(0), config.train.batch_size, True)
+  mesh = parallel.make_mesh(4)
   chunk = data.steps_chunk(dataset, rows, 0, 1, config.train.batch_size)
   initial = steps.init_state(model, jax.random.key(0), jax.tree.map(lambda x: x[0], chunk))
   train_chunk = jax.jit(steps.make_train_chunk(model, trainer.loss_weights(config, dataset.names), True))
   for noise, finite in ((np.inf, False), (1.0, True)):
-    state, measured = train_chunk(initial, chunk, jax.random.key(1), np.float32(2e-3), np.float32(noise))
+    state, measured = train_chunk(parallel.put(initial, parallel.replicated(mesh)),
+                                  parallel.put(chunk, parallel.batch_sharding(mesh, 1)), jax.random.key(1),
+                                  np.float32(2e-3), np.float32(noise))
     assert int(state.step) == 1 and bool(measured["finite"][0]) == finite
     for name in ("params", "batch_stats", "opt_vae", "opt_dsc"):
       pairs = zip(jax.tree.leaves(getattr(state, name)), jax.tree.leaves(getattr(initial, name)))
       unchanged = [np.array_equal(new, old) for new, old in pairs]
       assert (not any(unchanged)) if finite else all(unchanged), (noise, name, unchanged)
+
 
 def cli(workdir, *flags):
   env = dict(os.environ, JAX_NUM_CPU_DEVICES="4", JAX_PLATFORMS="cpu")
