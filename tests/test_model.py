@@ -124,7 +124,6 @@ def test_bfloat16_matmuls_keep_float32_parameters_and_outputs():
   assert "bf16" in jax.jit(lambda p: encode(mixed, p)).lower(variables["params"]).as_text()
 
 
-
 def test_bf16_matmul_gradient_multiplies_bf16_operands_into_float32():
   """Forward and both gradient products take bf16 operands and accumulate in float32; values and gradients stay
   within bf16 rounding of float32, also under vmap with a shared input (as the subspace encoders call it)."""
@@ -145,9 +144,10 @@ def test_bf16_matmul_gradient_multiplies_bf16_operands_into_float32():
   for got, want in zip(mixed, exact):
     assert got.dtype == jnp.float32
     assert 0 < float(jnp.abs(got - want).max()) < 0.02 * float(jnp.abs(want).max())
-  exact = x @ w
+  exact_product = x @ w
   mixed_product = jax.vmap(bf16_matmul, in_axes=(None, 0))(x, w)
-  np.testing.assert_allclose(mixed_product, exact, atol=0.02 * float(jnp.abs(exact).max()))
+  np.testing.assert_allclose(mixed_product, exact_product, atol=0.02 * float(jnp.abs(exact_product).max()))
+
 
 @pytest.mark.parametrize("activation, positive", [("relu", False), ("softplus", True)])
 def test_library_head_activation(activation, positive):

@@ -161,7 +161,6 @@ def test_same_step_on_one_and_four_devices():
     np.testing.assert_allclose(a, b, atol=1e-5, err_msg=key)
 
 
-
 @pytest.mark.parametrize("matmul_dtype", ["float32", "bfloat16"])
 def test_a_non_finite_step_changes_nothing_but_the_step_counter(matmul_dtype):
   """On 4 devices: an infinite anneal noise makes the discriminator loss NaN, and the step keeps every parameter,
