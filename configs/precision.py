@@ -1,9 +1,10 @@
-"""Mixed precision against float32 on a starter: its ablation config (configs/ablations/<starter>.py: 20 % of the
-pairs hidden, at most 100 epochs) with `model.matmul_dtype` float32 and bfloat16, 3 seeds each; compare held-out
-FOSCTTM.
+"""Mixed precision against float32 on a dataset: its ablation config (configs/ablations/<name>.py; the starters hide
+20 % of the pairs and train at most 100 epochs, PBMC hides 10 % and trains at most 20) with `model.matmul_dtype`
+float32 and bfloat16, 3 seeds each; compare held-out FOSCTTM.
 
   python -m clue_jax.sweep --config=configs/precision.py:cite --workdir=runs/precision_cite
   python -m clue_jax.sweep --config=configs/precision.py:multiome --workdir=runs/precision_multiome
+  python -m clue_jax.sweep --config=configs/precision.py:pbmc --workdir=runs/precision_pbmc
 """
 
 import pathlib
@@ -11,13 +12,13 @@ import pathlib
 from clue_jax import config_files, grid
 
 ABLATIONS = pathlib.Path(__file__).resolve().parent / "ablations"
-STARTERS = ("cite", "multiome")
+DATASETS = ("cite", "multiome", "pbmc")
 
 
-def get_config(starter: str = "cite"):
-  if starter not in STARTERS:
-    raise ValueError(f"no such starter {starter!r}; use {' or '.join(STARTERS)}")
-  return config_files.load_module(ABLATIONS / f"{starter}.py").get_config()
+def get_config(dataset: str = "cite"):
+  if dataset not in DATASETS:
+    raise ValueError(f"configs/precision.py:{dataset}: no such dataset; use {', '.join(DATASETS)}")
+  return config_files.load_module(ABLATIONS / f"{dataset}.py").get_config()
 
 
 def get_sweep():
