@@ -1,0 +1,1 @@
+"""CLUE (Cross-Linked Unified Embedding) in JAX/Flax; the package map is docs/architecture.md."""

@@ -8,8 +8,8 @@
 Inputs are AnnData, or MuData (anything with `.mod`) holding the modality under its name or its configured
 `mod_key`. They go through exactly the run's preprocessing: features aligned by name to the training features
 (missing ones are an error naming them), the saved PCA / LSI re-applied, or the configured obsm key read. Nothing is
-written into the inputs unless `inplace=True` says so. The math lives in `matching.py` and `prediction.py`; this
-module holds the run's state, its preprocessing and the devices.
+written into the inputs unless `inplace=True` says so. The math lives in `evaluate/matching.py` and
+`evaluate/prediction.py`; this module holds the run's state, its preprocessing and the devices.
 """
 
 import json
@@ -24,8 +24,10 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from clue_jax import checkpoint, data, matching, parallel, prediction, steps, trainer
-from clue_jax.model import CLUE, ModalitySpec
+from clue_jax.data import dataset as data_lib
+from clue_jax.evaluate import matching, prediction
+from clue_jax.model.network import CLUE, ModalitySpec
+from clue_jax.train import checkpoint, parallel, steps, trainer
 
 CHUNK = trainer.ENCODE_CHUNK  # Rows per device call, padded (as the trainer encodes, so results agree bitwise).
 
@@ -205,7 +207,7 @@ class Run:
     if key not in cells.obs:
       raise RunError(f"obs has no column {key!r} (the batch key of {target!r}) to decode each cell with its own "
                      f"batch; add it, or pass batch=<one of {list(categories)}>")
-    codes, _ = data.obs_codes(cells, key, "the source cells", f"data.modalities.{target}.batch_key", categories)
+    codes, _ = data_lib.obs_codes(cells, key, "the source cells", f"data.modalities.{target}.batch_key", categories)
     if (codes < 0).any():
       unknown = sorted({str(v) for v in cells.obs[key][codes < 0]})
       raise RunError(f"{int((codes < 0).sum())} cells have a batch that {target!r} was not trained with "
@@ -235,11 +237,11 @@ class Run:
       spec = self.config.data.modalities[target]
       trained = {"features": self.saved["features"][target], "rep_features": None}
       try:
-        raw = data.read_modality(target, spec, self.config.data.count_check, trained)
-      except data.DataError as e:
+        raw = data_lib.read_modality(target, spec, self.config.data.count_check, trained)
+      except data_lib.DataError as e:
         raise RunError(f"the library size of {target!r} defaults to its median over the training cells, but the "
                        f"training file cannot be read ({e}); pass library_size=<a number>") from e
-      self._median_library[target] = trainer.median_total(data.decoder_counts(raw, target))
+      self._median_library[target] = trainer.median_total(data_lib.decoder_counts(raw, target))
     return self._median_library[target]
 
   # ----------------------------------------------------------------------------------------------------- match
@@ -296,17 +298,17 @@ class Run:
     layer = None
     if needs_counts:
       field = f"data.modalities.{modality}.layer"
-      layer = data.as_csr(data.layer_matrix(cells, spec.layer, where, field))
-      data.check_counts(layer, spec.likelihood, where, f"{field}={spec.layer!r}", self.config.data.count_check)
+      layer = data_lib.as_csr(data_lib.layer_matrix(cells, spec.layer, where, field))
+      data_lib.check_counts(layer, spec.likelihood, where, f"{field}={spec.layer!r}", self.config.data.count_check)
     features = self.saved["features"][modality]
     rep_features = self.saved["rep_features"].get(modality)
-    raw = data.RawModality(cells, spec, where, layer, np.asarray(features), rep_features)
-    rep = data.apply_representation(raw, modality, self.saved["preprocess"][modality])
+    raw = data_lib.RawModality(cells, spec, where, layer, np.asarray(features), rep_features)
+    rep = data_lib.apply_representation(raw, modality, self.saved["preprocess"][modality])
     expected = self.specs[modality].input_dim
     if rep is not None and rep.shape[1] != expected:
       raise RunError(f"{where}: the encoder input has {rep.shape[1]} columns, the model was trained on {expected} "
                      f"(obsm[{spec.rep_key!r}]); give the same representation as in training")
-    counts = (data.decoder_counts(raw, modality) if needs_counts
+    counts = (data_lib.decoder_counts(raw, modality) if needs_counts
               else sp.csr_matrix((cells.n_obs, len(features)), dtype=np.float32))
     return rep, counts
 

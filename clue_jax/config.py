@@ -6,8 +6,10 @@ library's (scglue 0.4.1 `SCCLUEModel`, method.md §1.5, §2, §3).
 
 import copy
 import difflib
+import importlib.util
 import json
 import pathlib
+import types
 
 import ml_collections
 
@@ -102,7 +104,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.train.num_devices = 0  # 0 = all local devices.
   config.train.progress = True  # Progress bar on stderr.
 
-  # Evaluation during and after training (clue_jax.evaluation); none of it changes the training itself.
+  # Evaluation during and after training (clue_jax/evaluate/); none of it changes the training itself.
   config.evals = ml_collections.ConfigDict()
   config.evals.every_epochs = 0  # Score the model every this many epochs into metrics.jsonl as eval/*; 0 = never.
   config.evals.metrics = "foscttm,top1,label_transfer"  # Comma-separated subset of foscttm,top1,label_transfer,joint.
@@ -140,8 +142,8 @@ def _check(ok: bool, key: str, value, allowed: str):
 def validate(config: ml_collections.ConfigDict):
   """Rejects impossible values before any data is read or anything is compiled."""
   # Imported here so that config files load without pulling in JAX.
-  from clue_jax import evaluation
-  from clue_jax.model import LIKELIHOODS
+  from clue_jax.evaluate import evaluation
+  from clue_jax.model.network import LIKELIHOODS
 
   names = list(config.data.modalities.keys())
   _check(len(names) >= 2, "data.modalities", names, "configure at least two modalities")
@@ -273,3 +275,21 @@ def same_config(saved: dict, current: dict) -> bool:
     saved[key] = current[key]
   return saved == current
 
+
+# ------------------------------------------------------------------------------------------------ config files
+def load_module(path) -> types.ModuleType:
+  """Executes the config file at `path` (configs/ is not a package) and returns it as a module."""
+  path = pathlib.Path(path)
+  if not path.is_file():
+    raise FileNotFoundError(f"{path}: no such config file")
+  spec = importlib.util.spec_from_file_location(f"clue_jax_config_{path.stem}", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def split_spec(spec: str) -> tuple[pathlib.Path, tuple[str, ...]]:
+  """`configs/pbmc.py:competition` -> (path, ("competition",)): everything after the first colon is get_config's
+  argument."""
+  path, colon, argument = spec.partition(":")
+  return pathlib.Path(path), (argument,) if colon else ()

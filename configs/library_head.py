@@ -8,9 +8,10 @@ FOSCTTM and the runs' `library_heads` in summary.json.
 
 import pathlib
 
-from clue_jax import config_files, grid
+from clue_jax import config as config_lib
+from clue_jax.sweep import grid
 
-PRECISION = config_files.load_module(pathlib.Path(__file__).resolve().parent / "precision.py")
+PRECISION = config_lib.load_module(pathlib.Path(__file__).resolve().parent / "precision.py")
 get_config = PRECISION.get_config  # The starter's ablation config.
 
 

@@ -9,7 +9,8 @@ float32 and bfloat16, 3 seeds each; compare held-out FOSCTTM.
 
 import pathlib
 
-from clue_jax import config_files, grid
+from clue_jax import config as config_lib
+from clue_jax.sweep import grid
 
 ABLATIONS = pathlib.Path(__file__).resolve().parent / "ablations"
 DATASETS = ("cite", "multiome", "pbmc")
@@ -18,7 +19,7 @@ DATASETS = ("cite", "multiome", "pbmc")
 def get_config(dataset: str = "cite"):
   if dataset not in DATASETS:
     raise ValueError(f"configs/precision.py:{dataset}: no such dataset; use {', '.join(DATASETS)}")
-  return config_files.load_module(ABLATIONS / f"{dataset}.py").get_config()
+  return config_lib.load_module(ABLATIONS / f"{dataset}.py").get_config()
 
 
 def get_sweep():

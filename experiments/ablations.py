@@ -3,7 +3,7 @@
   python experiments/ablations.py [--datasets=cite,multiome,pbmc] [--runs=runs] [--train] [--parallel=2]
       [--out=experiments/results]
 
-For each dataset the grid lives in RUNS/ablations_<dataset>/ (one run directory per point, clue_jax/sweep.py). With
+For each dataset the grid lives in RUNS/ablations_<dataset>/ (one run directory per point, clue_jax/sweep/runner.py). With
 --train the grid is first trained (`python -m clue_jax.sweep`, which skips finished points); without it only the
 points that have finished are read, and the others are reported as missing. Each finished point is scored from its
 outputs (cached in its directory as ablation_scores.json):
@@ -31,7 +31,9 @@ import scipy.sparse as sp
 from absl import app, flags
 from matplotlib.figure import Figure
 
-from clue_jax import evaluation, grid, matching, metrics, run_outputs, sweep, sweep_report
+from clue_jax import outputs
+from clue_jax.evaluate import evaluation, matching, metrics, run_outputs
+from clue_jax.sweep import grid, runner
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
@@ -141,20 +143,20 @@ def cached_scores(run_dir: pathlib.Path) -> dict:
     if cached.get("version") == SCORES_VERSION:
       return cached
   scores = score_run(run_dir)
-  sweep_report.write_atomically(path, json.dumps(scores, indent=2) + "\n")
+  outputs.write_text_atomically(path, json.dumps(scores, indent=2) + "\n")
   return scores
 
 
 def collect(dataset: str, workdir: pathlib.Path) -> dict:
   """The grid's points, each with its scores (None while unfinished), and the grid's base config."""
-  points = sweep.load_grid(grid_spec(dataset))
+  points = runner.load_grid(grid_spec(dataset))
   rows = []
   for point in points:
     run_dir = workdir / point.name
     finished = (run_dir / "summary.json").is_file()
     rows.append({"name": point.name, "setting": setting_label(point.overrides), "overrides": point.overrides,
                  "seed": point.overrides.get(grid.SEED), "scores": cached_scores(run_dir) if finished else None,
-                 "stale": finished and not sweep.is_finished(point, run_dir)})
+                 "stale": finished and not runner.is_finished(point, run_dir)})
   return {"dataset": dataset, "workdir": workdir, "config": points[0].config, "rows": rows}
 
 

@@ -78,7 +78,8 @@ def main():
                   f"--features={args.features}", f"--dir={args.dir}"], check=True)
   paths = {"rna": directory / "rna.h5ad", "adt": directory / "adt.h5ad"}
 
-  from clue_jax import config as config_lib, trainer
+  from clue_jax import config as config_lib
+  from clue_jax.train import trainer
   config = config_lib.get_config()
   config.data.modalities.rna = config_lib.modality(str(paths["rna"]), layer="X", batch_key="batch")
   config.data.modalities.adt = config_lib.modality(str(paths["adt"]), layer="X", batch_key="batch",

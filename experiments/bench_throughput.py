@@ -34,7 +34,9 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from clue_jax import config as config_lib, data, parallel, sampler, steps, trainer
+from clue_jax import config as config_lib
+from clue_jax.data import dataset as data_lib, sampler
+from clue_jax.train import parallel, steps, trainer
 
 HERE = pathlib.Path(__file__).resolve().parent
 
@@ -89,15 +91,17 @@ class Timers:
   """The compiled train chunk and epoch loop of `config`, each timed on demand (cells/s; compile excluded)."""
 
   def __init__(self, config, epochs: int):
-    self.dataset = dataset = data.load_dataset(config)
+    self.dataset = dataset = data_lib.load_dataset(config)
     model = trainer.model_from(config, dataset)
     weights = trainer.loss_weights(config, dataset.names)
     self.mesh = mesh = parallel.make_mesh(config.train.num_devices)
     parallel.check_batch_size(config.train.batch_size, mesh)
-    self.batch_size, self.per_dispatch, self.epochs = config.train.batch_size, config.train.steps_per_dispatch, epochs
+    self.batch_size, self.epochs = config.train.batch_size, epochs
     self.rng = np.random.default_rng(0)
     rows = self.epoch_rows()
     self.n_steps = len(rows.valid) // self.batch_size
+    # An epoch shorter than one dispatch (large batches) is timed as the trainer runs it: one partial chunk.
+    self.per_dispatch = min(config.train.steps_per_dispatch, self.n_steps)
     chunk_sharding = parallel.batch_sharding(mesh, 1)
     example = jax.tree.map(lambda x: x[0], self.chunk_at(rows, 0, 1))
     self.state = jax.jit(lambda k, b: steps.init_state(model, k, b), out_shardings=parallel.replicated(mesh))(
@@ -120,7 +124,7 @@ class Timers:
     return sampler.epoch_rows(self.dataset.pairing, self.dataset.train_ids, self.rng, self.batch_size, drop_last=True)
 
   def chunk_at(self, epoch_rows, first, count):
-    return data.steps_chunk(self.dataset, epoch_rows, first, count, self.batch_size)
+    return data_lib.steps_chunk(self.dataset, epoch_rows, first, count, self.batch_size)
 
   def steps(self) -> float:
     """Cells/s of the jitted train chunk on one device-resident chunk, over about `epochs` epochs of steps."""

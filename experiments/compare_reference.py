@@ -19,7 +19,8 @@ import pandas as pd
 from ml_collections import config_flags
 from absl import app, flags
 
-from clue_jax import data, schedule
+from clue_jax.data import dataset as data_lib
+from clue_jax.train import schedule
 
 HERE = pathlib.Path(__file__).resolve().parent
 _CONFIG = config_flags.DEFINE_config_file("config", None, "clue_jax config file.", lock_config=True)
@@ -29,7 +30,7 @@ _OUT = flags.DEFINE_string("out", None, "Directory for the exported data and the
 _PRESET = flags.DEFINE_enum("preset", "defaults", ["defaults", "competition_cite"], "Reference model preset.")
 
 
-def export(dataset: data.Dataset, out: pathlib.Path) -> list:
+def export(dataset: data_lib.Dataset, out: pathlib.Path) -> list:
   """Writes one .h5ad per modality in the reference's format and the held-out pairs; returns the --mod flags."""
   mods = []
   for name, m in dataset.modalities.items():
@@ -59,7 +60,7 @@ def main(argv):
   config = _CONFIG.value
   out = pathlib.Path(_OUT.value)
   out.mkdir(parents=True, exist_ok=True)
-  dataset = data.load_dataset(config)
+  dataset = data_lib.load_dataset(config)
   mods = export(dataset, out)
   plan = schedule.auto_plan(len(dataset.train_ids), config.train.batch_size, config.train.lr,
                             config.train.max_epochs, config.train.align_burnin, config.train.patience,

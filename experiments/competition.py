@@ -1,6 +1,6 @@
 """The competition recipe on both starters, clue_jax beside the official baselines and the PyTorch reference.
 
-  python experiments/competition.py --out=runs/competition [--technologies=cite,multiome] [--seeds=5,6,7]
+  python experiments/recipe.py --out=runs/competition [--technologies=cite,multiome] [--seeds=5,6,7]
       [--ref-python=/tmp/ref/bin/python]
 
 For each technology and seed, runs `configs/competition/<technology>.py` through `clue_jax.competition` (pretraining,
@@ -21,7 +21,10 @@ import anndata as ad
 import numpy as np
 from absl import app, flags, logging
 
-from clue_jax import api, competition, competition_data, config as config_lib, config_files, data, matching, metrics
+from clue_jax import api, config as config_lib
+from clue_jax.competition import recipe, task_data
+from clue_jax.data import dataset as data_lib
+from clue_jax.evaluate import matching, metrics
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 _OUT = flags.DEFINE_string("out", None, "Directory of the runs and results.json.")
@@ -88,7 +91,7 @@ def export_for_reference(workdir: pathlib.Path, names) -> dict:
 
 def run_reference(workdir: pathlib.Path, config, comp, names) -> dict:
   """Runs the reference's recipe on the exported files (once); returns the epochs each stage ran."""
-  configs = competition.stage_configs(config, comp, {s: {n: "" for n in names} for s in ("pretrain", "finetune")})
+  configs = recipe.stage_configs(config, comp, {s: {n: "" for n in names} for s in ("pretrain", "finetune")})
   summaries = {s: json.loads((workdir / s / "summary.json").read_text()) for s in ("pretrain", "finetune")}
   reference = workdir / "reference"
   if not (reference / "embeddings.npz").is_file():
@@ -138,16 +141,16 @@ def test_embeddings(workdir: pathlib.Path, names, method: str, stage: str = "fin
 
 def match_scores(embeddings: dict, names, comp) -> dict:
   """match_probability of both directions, with SNN (the recipe's, k from the config) and with Sinkhorn."""
-  files = competition_data.read_task(comp.match_modality, ("test_mod1", "test_mod2", "test_sol"))
+  files = task_data.read_task(comp.match_modality, ("test_mod1", "test_mod2", "test_sol"))
   solution = files["test_sol"].X
-  types = tuple(competition_data.feature_type(files[f], f) for f in ("test_mod1", "test_mod2"))
+  types = tuple(task_data.feature_type(files[f], f) for f in ("test_mod1", "test_mod2"))
   out = {}
   for (a, b), truth, kind in (((names[0], names[1]), solution, types), ((names[1], names[0]), solution.T,
                                                                        types[::-1])):
     (x, bx), (y, by) = embeddings[a], embeddings[b]
-    out[f"{competition.subtask(kind)} SNN"] = metrics.match_probability(
+    out[f"{recipe.subtask(kind)} SNN"] = metrics.match_probability(
         matching.snn_matching(x, y, comp.match.get("k", 1), bx, by), truth)
-    out[f"{competition.subtask(kind)} Sinkhorn"] = metrics.match_probability(
+    out[f"{recipe.subtask(kind)} Sinkhorn"] = metrics.match_probability(
         matching.sinkhorn_matching(x, y, _EPSILON.value, 500, bx, by), truth)
   return out
 
@@ -158,15 +161,15 @@ def main(argv):
   out = pathlib.Path(_OUT.value)
   results = {}
   for technology in _TECHNOLOGIES.value:
-    module = config_files.load_module(ROOT / "configs" / "competition" / f"{technology}.py")
+    module = config_lib.load_module(ROOT / "configs" / "competition" / f"{technology}.py")
     comp = module.get_competition()
     seeds = [int(s) for s in _SEEDS.value] or [module.get_config().seed]
     results[technology] = {}
     for seed in seeds:
       config = config_lib.apply_overrides(module.get_config(), {"seed": seed, "train.progress": False})
       workdir = out / technology / f"seed_{seed}"
-      names = data.modality_order(config)
-      scores = competition.run(config, comp, workdir)
+      names = data_lib.modality_order(config)
+      scores = recipe.run(config, comp, workdir)
       row = {"baseline": {f"{k} SNN": v.get("baseline") for k, v in scores["match_modality"].items()},
              "clue_jax": match_scores(test_embeddings(workdir, names, "clue_jax"), names, comp),
              "clue_jax pretrained": match_scores(test_embeddings(workdir, names, "clue_jax", "pretrain"), names, comp),

@@ -14,7 +14,10 @@ import pathlib
 import numpy as np
 from absl import app, flags, logging
 
-from clue_jax import api, competition_files as cf, config_files, metrics, trainer
+from clue_jax import api, config as config_lib
+from clue_jax.competition import task_files as cf
+from clue_jax.evaluate import metrics
+from clue_jax.train import trainer
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 EPSILONS = (0.005, 0.01, 0.02, 0.05, 0.1)
@@ -60,7 +63,7 @@ def main(argv):
   baseline = cf.read_scores(cf.starter_file("cite", "match_modality", "scores"))["match_probability"]
   table = {}
   for seed in _SEEDS.value:
-    config = config_files.load_module(ROOT / "configs" / "cite.py").get_config()
+    config = config_lib.load_module(ROOT / "configs" / "cite.py").get_config()
     config.seed = int(seed)
     config.train.progress = False
     for name, path in paths.items():

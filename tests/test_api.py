@@ -1,6 +1,5 @@
-"""The notebook API on a smoke run trained once for this module (4 fake devices), and the prediction math."""
+"""The notebook API on the session's smoke run (4 fake devices), and the prediction math."""
 
-import importlib.util
 import pathlib
 import re
 import types
@@ -11,22 +10,17 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from clue_jax import api, data, metrics, preprocess, prediction, trainer
+from clue_jax import api
+from clue_jax.data import dataset as data_lib, preprocess
+from clue_jax.evaluate import metrics, prediction
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 STARTER = ROOT / "clue_jax" / "datasets" / "bmmc_cite_starter"
 
 
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
-  spec = importlib.util.spec_from_file_location("config_smoke", ROOT / "configs" / "smoke.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config()
-  config.train.progress = False
-  path = tmp_path_factory.mktemp("smoke")
-  trainer.train_and_evaluate(config, path)
-  return path
+def workdir(smoke_run):
+  return smoke_run[0]
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +66,7 @@ def test_encode_takes_the_modality_out_of_a_mudata(run, cells):
 def test_missing_training_features_are_an_error_naming_them(run, cells):
   rna = cells["rna"]
   dropped = list(rna.var_names[:3])  # The PCA was fitted on all genes.
-  with pytest.raises(data.DataError, match=f"3 of the 1000 features.*{re.escape(dropped[0])}"):
+  with pytest.raises(data_lib.DataError, match=f"3 of the 1000 features.*{re.escape(dropped[0])}"):
     run.encode(rna[:, 3:].copy(), "rna")
 
 

@@ -1,14 +1,15 @@
 """Ablations on the BMMC CITE starter: configs/cite.py with 20 % of the pairs hidden (held-out FOSCTTM) and at most
-100 epochs, for 8 settings x 3 seeds (clue_jax/ablations.py).
+100 epochs, for 8 settings x 3 seeds (clue_jax/sweep/ablations.py).
 
   python -m clue_jax.sweep --config=configs/ablations/cite.py --workdir=runs/ablations_cite
 """
 
 import pathlib
 
-from clue_jax import ablations, config_files
+from clue_jax import config as config_lib
+from clue_jax.sweep import ablations
 
-BASE = config_files.load_module(pathlib.Path(__file__).resolve().parent.parent / "cite.py")
+BASE = config_lib.load_module(pathlib.Path(__file__).resolve().parent.parent / "cite.py")
 
 
 def get_config():

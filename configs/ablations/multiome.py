@@ -1,14 +1,15 @@
 """Ablations on the BMMC Multiome starter: configs/multiome.py with 20 % of the pairs hidden (held-out FOSCTTM) and
-at most 100 epochs, for 8 settings x 3 seeds (clue_jax/ablations.py).
+at most 100 epochs, for 8 settings x 3 seeds (clue_jax/sweep/ablations.py).
 
   python -m clue_jax.sweep --config=configs/ablations/multiome.py --workdir=runs/ablations_multiome
 """
 
 import pathlib
 
-from clue_jax import ablations, config_files
+from clue_jax import config as config_lib
+from clue_jax.sweep import ablations
 
-BASE = config_files.load_module(pathlib.Path(__file__).resolve().parent.parent / "multiome.py")
+BASE = config_lib.load_module(pathlib.Path(__file__).resolve().parent.parent / "multiome.py")
 
 
 def get_config():

@@ -10,9 +10,10 @@ patience 8, ReduceLROnPlateau patience 3. Matching: SNN with k = 1 within the te
 
 import pathlib
 
-from clue_jax import competition, config_files
+from clue_jax import config as config_lib
+from clue_jax.competition import recipe
 
-BASE = config_files.load_module(pathlib.Path(__file__).resolve().parent.parent / "multiome.py")
+BASE = config_lib.load_module(pathlib.Path(__file__).resolve().parent.parent / "multiome.py")
 
 
 def get_config():
@@ -21,4 +22,4 @@ def get_config():
 
 
 def get_competition():
-  return competition.starter_settings("multiome")
+  return recipe.starter_settings("multiome")

@@ -1,0 +1,1 @@
+"""Input data: reading and validating AnnData / MuData, preprocessing, pairing and sampling, device-resident data."""

@@ -1,0 +1,477 @@
+"""From the user's AnnData / MuData files to the arrays CLUE trains on, with clear errors for bad input.
+
+Each modality's file is read and checked (file, layer, obs columns, count values) before anything is compiled;
+decoder features are chosen; cells are paired across modalities by `obs_names`; the encoder representation (PCA or
+LSI) is fitted on the training cells and kept so that it can be re-applied at inference (method.md §4.1).
+Counts stay sparse (CSR) in memory; `minibatch` densifies only the rows it is asked for.
+"""
+
+import dataclasses
+import pathlib
+import warnings
+
+import anndata as ad
+import h5py
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+from scipy.special import gammaln
+
+from clue_jax.data import preprocess, sampler
+
+COUNT_LIKELIHOODS = ("NB",)
+
+
+class DataError(ValueError):
+  """Bad input data: the message names the file, the field and the fix."""
+
+
+@dataclasses.dataclass
+class Modality:
+  """One modality's cells, ready for training and inference."""
+
+  name: str
+  path: str
+  obs: pd.DataFrame
+  features: np.ndarray  # Names of the decoder features.
+  counts: sp.csr_matrix  # (cells, features) float32 decoder targets.
+  rep: np.ndarray | None  # (cells, rep_dim) float32 encoder input; None = the counts themselves.
+  batch: np.ndarray  # (cells,) int32 batch index.
+  batch_categories: tuple
+  label: np.ndarray  # (cells,) int32 label index, -1 = unlabelled.
+  preprocess: dict  # Fitted representation state (preprocess.state_to_arrays), {} if none.
+  rep_features: np.ndarray | None  # Names of the features the representation was fitted on; None if not fitted.
+  log_factorial: np.ndarray | None = None  # (cells,) sum_f lgamma(counts + 1), for NB (a data constant).
+
+
+@dataclasses.dataclass
+class Dataset:
+  modalities: dict  # name -> Modality, in subspace order.
+  pairing: sampler.Pairing  # Training pairing (held-out pairs already hidden).
+  train_ids: np.ndarray
+  val_ids: np.ndarray
+  heldout: dict | None  # name -> rows of the hidden pairs, aligned.
+  label_categories: tuple
+
+  @property
+  def names(self):
+    return tuple(self.modalities)
+
+
+def modality_order(config) -> list:
+  names = list(config.data.modalities.keys())
+  if config.data.modality_order:
+    order = [n.strip() for n in config.data.modality_order.split(",")]
+    if sorted(order) != sorted(names):
+      raise DataError(f"data.modality_order={config.data.modality_order!r} must list exactly the configured "
+                      f"modalities {names}")
+    return order
+  return names
+
+
+def read_anndata(name: str, spec) -> ad.AnnData:
+  """Reads modality `name` from an .h5ad file, or from the `mod/<mod_key>` group of an .h5mu (MuData) file."""
+  field = f"data.modalities.{name}.path"
+  if not spec.path:
+    raise DataError(f"{field} is empty: point it at your file, e.g. --config.{field}=my_{name}.h5ad")
+  path = pathlib.Path(spec.path).expanduser()
+  if not path.is_file():
+    raise DataError(f"{path}: no such file ({field}). Fix the path or pass --config.{field}=FILE")
+  if not h5py.is_hdf5(path):
+    raise DataError(f"{path}: not an HDF5 file, so neither AnnData (.h5ad) nor MuData (.h5mu) ({field}); convert "
+                    f"it first, e.g. anndata.read_csv(...).write_h5ad('{path.stem}.h5ad')")
+  try:
+    with h5py.File(path, "r") as f:
+      if "mod" in f:
+        return ad.io.read_elem(anndata_group(f["mod"], spec.mod_key or name, path, name))
+      anndata_group(f, None, path, name)
+    return ad.read_h5ad(path)
+  except DataError:
+    raise
+  except Exception as e:  # h5py / anndata raise many types for damaged files.
+    raise DataError(f"{path}: cannot be read as AnnData (.h5ad) or MuData (.h5mu) ({field}), the file may be "
+                    f"truncated or damaged: {type(e).__name__}: {e}") from e
+
+
+def anndata_group(group: h5py.Group, key: str | None, path: pathlib.Path, name: str) -> h5py.Group:
+  """`group[key]` (or `group` itself), checked to hold an AnnData (obs and var)."""
+  if key is not None:
+    if key not in group:
+      raise DataError(f"{path}: the MuData file has no modality {key!r} (available: {list(group)}); set "
+                      f"--config.data.modalities.{name}.mod_key to one of them")
+    group = group[key]
+  missing = [k for k in ("obs", "var") if k not in group]
+  if missing:
+    raise DataError(f"{path}: an HDF5 file but not AnnData: {group.name} has no {' or '.join(missing)} "
+                    f"(it holds {list(group)}); data.modalities.{name}.path needs an .h5ad or .h5mu file")
+  return group
+
+
+def layer_matrix(adata: ad.AnnData, layer: str, path: str, field: str):
+  if layer == "X":
+    if adata.X is None:
+      raise DataError(f"{path}: X is empty ({field}=X); name a layer holding the data instead")
+    return adata.X
+  if layer not in adata.layers:
+    raise DataError(f"{path}: no layer {layer!r} ({field}); available layers: {list(adata.layers)} or 'X'. "
+                    f"Set --config.{field}=<one of them>")
+  return adata.layers[layer]
+
+
+def as_csr(matrix) -> sp.csr_matrix:
+  """Any dense or sparse (CSR, CSC, COO, ..., int or float) matrix as float32 CSR without stored zeros."""
+  if sp.issparse(matrix):
+    out = sp.csr_matrix(matrix, dtype=np.float32)
+    out.sum_duplicates()  # COO may hold duplicate entries.
+    out.eliminate_zeros()
+    return out
+  return sp.csr_matrix(np.asarray(matrix, dtype=np.float32))
+
+
+def check_finite(matrix: sp.csr_matrix, path: str, field: str):
+  bad = int((~np.isfinite(matrix.data)).sum())
+  if bad:
+    raise DataError(f"{path}: {field} holds {bad} NaN/inf values; remove or impute them before training")
+
+
+def check_counts(counts: sp.csr_matrix, likelihood: str, path: str, field: str, on_fraction: str):
+  """NaN/inf are always errors; negative values and non-integers are checked under count likelihoods."""
+  check_finite(counts, path, field)
+  values = counts.data
+  if likelihood not in COUNT_LIKELIHOODS:
+    return
+  if (values < 0).any():
+    raise DataError(f"{path}: {field} holds {int((values < 0).sum())} negative values, but likelihood "
+                    f"{likelihood} needs raw counts; point the layer at raw counts or pick another likelihood")
+  fraction = np.count_nonzero(values != np.round(values)) / max(np.prod(counts.shape), 1)
+  if fraction > 0:
+    message = (f"{path}: {field} has non-integer values in {fraction:.4%} of entries under likelihood "
+               f"{likelihood}; training proceeds with the continuous NB density. Use raw integer counts if you "
+               f"have them")
+    if on_fraction == "error":
+      raise DataError(message)
+    warnings.warn(message, stacklevel=2)
+
+
+def check_unique_names(adata: ad.AnnData, path: str):
+  """Cells are paired and features aligned by name, so both must be unique."""
+  for axis, names, fix in (("obs_names", adata.obs_names, "obs_names_make_unique"),
+                           ("var_names", adata.var_names, "var_names_make_unique")):
+    if not names.is_unique:
+      duplicates = names[names.duplicated()].unique()
+      raise DataError(f"{path}: {axis} are not unique ({len(duplicates)} repeated, e.g. {duplicates[:3].tolist()}); "
+                      f"cells are paired and features matched by name, so make them unique "
+                      f"(adata.{fix}()) and save the file again")
+
+
+def nonzero_cells(counts: sp.csr_matrix, path: str, field: str) -> np.ndarray:
+  """Mask of the cells with at least one non-zero value; warns with the number of the others."""
+  keep = np.diff(counts.indptr) > 0
+  if not keep.any():
+    raise DataError(f"{path}: no cell has a non-zero value in {field} ({counts.shape[0]} cells, {counts.shape[1]} "
+                    f"features); point it at the layer holding the data")
+  if not keep.all():
+    warnings.warn(f"{path}: dropped {int((~keep).sum())} of {counts.shape[0]} cells whose {field} is zero in every "
+                  f"feature (nothing to reconstruct)", stacklevel=3)
+  return keep
+
+
+def nonzero_features(counts: sp.csr_matrix, path: str, field: str) -> np.ndarray:
+  """Mask of the features with at least one non-zero value; warns with the number of the others."""
+  keep = np.bincount(counts.indices, minlength=counts.shape[1]) > 0
+  if not keep.all():
+    warnings.warn(f"{path}: {int((~keep).sum())} of {counts.shape[1]} features are zero in every cell of {field}; "
+                  f"they are not used as decoder features", stacklevel=3)
+  return keep
+
+
+def align_features(matrix, var_names, features, path: str, field: str) -> sp.csr_matrix:
+  """`matrix` (cells x `var_names`) with its columns taken by name in the order of `features`, as float32 CSR.
+
+  For data seen by a trained model (a resumed run, inference): columns the model does not know are left out, and a
+  feature it was trained on that is missing is an error listing the missing names.
+  """
+  matrix = as_csr(matrix)
+  var_names = pd.Index(np.asarray(var_names).astype(str))
+  features = pd.Index(np.asarray(features).astype(str))
+  if var_names.equals(features):
+    return matrix
+  if not var_names.is_unique:
+    raise DataError(f"{path}: var_names are not unique, so {field} cannot be matched to the model's features by "
+                    f"name; make them unique (adata.var_names_make_unique())")
+  positions = var_names.get_indexer(features)
+  missing = features[positions < 0]
+  if len(missing):
+    raise DataError(f"{path}: {len(missing)} of the {len(features)} features the model was trained on are missing "
+                    f"from {field} (e.g. {missing[:5].tolist()}); the model needs all of them, matched by var_names")
+  return matrix[:, positions]
+
+
+def obs_codes(adata: ad.AnnData, key: str, path: str, field: str, categories=None):
+  """Integer codes of an obs column (NaN = -1) and the category list."""
+  if key not in adata.obs:
+    raise DataError(f"{path}: obs has no column {key!r} ({field}); available: {list(adata.obs.columns)}. "
+                    f"Set --config.{field}=<column> or '' for none")
+  column = adata.obs[key]
+  if categories is None:
+    if isinstance(column.dtype, pd.CategoricalDtype):
+      categories = tuple(str(c) for c in column.cat.categories)
+    else:
+      categories = tuple(sorted(str(c) for c in column.dropna().unique()))
+  lookup = {c: i for i, c in enumerate(categories)}
+  codes = np.array([-1 if pd.isna(v) else lookup.get(str(v), -1) for v in column], np.int32)
+  return codes, categories
+
+
+def select_features(var: pd.DataFrame, counts: sp.csr_matrix, spec) -> np.ndarray:
+  """Decoder features: var["highly_variable"] if present, else spec.feature_selection of spec.n_features."""
+  if "highly_variable" in var:
+    return var["highly_variable"].to_numpy(bool)
+  n_top = spec.n_features
+  if spec.feature_selection == "all" or n_top >= counts.shape[1]:
+    return np.ones(counts.shape[1], bool)
+  if spec.feature_selection == "dispersion":
+    return preprocess.select_by_dispersion(counts, n_top)
+  if spec.feature_selection == "total_counts":
+    return preprocess.select_by_total_counts(counts, n_top)
+  raise DataError(f"feature_selection={spec.feature_selection!r}: use all, dispersion or total_counts")
+
+
+def decoder_features(adata: ad.AnnData, counts: sp.csr_matrix, spec, path: str, field: str) -> np.ndarray:
+  """Names of the decoder features, chosen among the features that are not zero in every cell."""
+  nonzero = nonzero_features(counts, path, field)
+  chosen = np.flatnonzero(nonzero)[select_features(adata.var[nonzero], counts[:, nonzero], spec)]
+  if chosen.size == 0:
+    raise DataError(f"{path}: no decoder feature selected (var['highly_variable'] False for every feature with "
+                    f"data?)")
+  return np.asarray(adata.var_names[chosen]).astype(str)
+
+
+def normalize(matrix, how: str):
+  if how == "none":
+    return matrix
+  if how == "log1p_cp10k":
+    return preprocess.log1p_cp10k(matrix)
+  if how == "clr":
+    return preprocess.clr(matrix)
+  raise DataError(f"rep_normalize={how!r}: use none, log1p_cp10k or clr")
+
+
+@dataclasses.dataclass
+class RawModality:
+  """A modality read and checked, before any fitting (cells with no data already dropped)."""
+
+  adata: ad.AnnData
+  spec: object
+  path: str
+  counts: sp.csr_matrix  # All features of the count layer.
+  features: np.ndarray  # Names of the decoder features.
+  rep_features: np.ndarray | None  # Names of the features the representation is fitted on; None if not fitted.
+
+
+def read_modality(name: str, spec, count_check: str = "warn", trained: dict | None = None) -> RawModality:
+  """Reads and checks one modality; `trained` ({"features", "rep_features"}) fixes the features of a trained model."""
+  adata = read_anndata(name, spec)
+  path = str(spec.path)
+  check_unique_names(adata, path)
+  layer_field = f"data.modalities.{name}.layer"
+  field = f"{layer_field}={spec.layer!r}"
+  counts = as_csr(layer_matrix(adata, spec.layer, path, layer_field))
+  check_counts(counts, spec.likelihood, path, field, count_check)
+  keep = nonzero_cells(counts, path, field)
+  if not keep.all():
+    with ad.settings.override(remove_unused_categories=False):  # Batch categories stay those of the file.
+      adata, counts = adata[keep], counts[keep]
+  if trained is None:
+    features, rep_features = decoder_features(adata, counts, spec, path, field), None
+  else:
+    features, rep_features = np.asarray(trained["features"]).astype(str), trained["rep_features"]
+  if rep_features is None and spec.rep in ("pca", "lsi"):
+    rep_features = features if spec.rep_features == "decoder" else adata.var_names
+  if rep_features is not None:
+    rep_features = np.asarray(rep_features).astype(str)
+  return RawModality(adata, spec, path, counts, features, rep_features)
+
+
+def decoder_counts(raw: RawModality, name: str) -> sp.csr_matrix:
+  return align_features(raw.counts, raw.adata.var_names, raw.features, raw.path, f"data.modalities.{name}.layer")
+
+
+def representation_source(raw: RawModality, name: str):
+  """The matrix the PCA / LSI is fitted on and applied to, its columns in the order of `raw.rep_features`."""
+  spec = raw.spec
+  field = f"data.modalities.{name}.layer" if spec.rep == "lsi" else f"data.modalities.{name}.rep_layer"
+  matrix = raw.counts if spec.rep == "lsi" else layer_matrix(raw.adata, spec.rep_layer, raw.path, field)
+  source = align_features(matrix, raw.adata.var_names, raw.rep_features, raw.path, field)
+  check_finite(source, raw.path, field)
+  return source if spec.rep == "lsi" else normalize(source, spec.rep_normalize)
+
+
+def fit_representation(raw: RawModality, name: str, train_rows: np.ndarray, seed: int) -> dict:
+  """Fits the PCA / LSI state on the training cells; {} when the representation is given or not used."""
+  spec = raw.spec
+  if spec.rep in ("none", "obsm"):
+    return {}
+  source = representation_source(raw, name)[train_rows]
+  if spec.rep == "pca":
+    return preprocess.state_to_arrays(preprocess.fit_pca(source, spec.rep_dim, seed=seed))
+  if spec.rep == "lsi":
+    return preprocess.state_to_arrays(preprocess.fit_lsi(source, spec.rep_dim, seed=seed))
+  raise DataError(f"data.modalities.{name}.rep={spec.rep!r}: use pca, lsi, obsm or none")
+
+
+def apply_representation(raw: RawModality, name: str, state: dict):
+  spec = raw.spec
+  if spec.rep == "none":
+    return None
+  if spec.rep == "obsm":
+    field = f"data.modalities.{name}.rep_key"
+    if spec.rep_key not in raw.adata.obsm:
+      raise DataError(f"{raw.path}: obsm has no key {spec.rep_key!r} ({field}); available: {list(raw.adata.obsm)}. "
+                      f"Set --config.{field}=<one of them>")
+    rep = np.asarray(raw.adata.obsm[spec.rep_key], np.float32)
+    check_finite(sp.csr_matrix(rep), raw.path, f"obsm[{spec.rep_key!r}] ({field})")
+    return rep
+  fitted = preprocess.state_from_arrays(state)
+  source = representation_source(raw, name)
+  if spec.rep == "pca":
+    return preprocess.transform_pca(fitted, source).astype(np.float32)
+  return preprocess.transform_lsi(fitted, source).astype(np.float32)
+
+
+def grown_categories(raw: RawModality, categories: tuple) -> tuple:
+  """`categories` followed by the batches of `raw`'s cells that are not among them (sorted)."""
+  key = raw.spec.batch_key
+  if not key or key not in raw.adata.obs:
+    return tuple(categories)  # build_modality names a missing column.
+  seen = {str(v) for v in raw.adata.obs[key].dropna().unique()}
+  return tuple(categories) + tuple(sorted(seen - set(categories)))
+
+
+def build_modality(name: str, raw: RawModality, state: dict, batch_categories, label_categories) -> Modality:
+  spec, adata = raw.spec, raw.adata
+  n = adata.n_obs
+  if spec.batch_key:
+    batch, batch_categories = obs_codes(adata, spec.batch_key, raw.path, f"data.modalities.{name}.batch_key",
+                                        batch_categories)
+    if (batch < 0).any():
+      raise DataError(f"{raw.path}: obs[{spec.batch_key!r}] has {int((batch < 0).sum())} cells with a missing "
+                      f"or unknown batch (known: {list(batch_categories)}); give every cell one of them")
+  else:
+    batch, batch_categories = np.zeros(n, np.int32), ("all",)
+  label = np.full(n, -1, np.int32)
+  if spec.label_key:
+    label, _ = obs_codes(adata, spec.label_key, raw.path, f"data.modalities.{name}.label_key", label_categories)
+  counts = decoder_counts(raw, name)
+  return Modality(name=name, path=raw.path, obs=adata.obs.copy(), features=raw.features, counts=counts,
+                  rep=apply_representation(raw, name, state), rep_features=raw.rep_features,
+                  batch=batch, batch_categories=tuple(batch_categories), label=label, preprocess=state,
+                  log_factorial=row_log_factorials(counts) if spec.likelihood == "NB" else None)
+
+
+def row_log_factorials(counts: sp.csr_matrix) -> np.ndarray:
+  """sum_f lgamma(x_f + 1) per row, from the non-zeros only (lgamma(1) = 0)."""
+  per_entry = sp.csr_matrix((gammaln(counts.data.astype(np.float64) + 1.0), counts.indices, counts.indptr),
+                            shape=counts.shape)
+  return np.asarray(per_entry.sum(1), np.float32).ravel()
+
+
+def label_categories_of(raws: dict) -> tuple:
+  labels = set()
+  for name, raw in raws.items():
+    if raw.spec.label_key:
+      _, categories = obs_codes(raw.adata, raw.spec.label_key, raw.path, f"data.modalities.{name}.label_key")
+      labels.update(categories)
+  return tuple(sorted(labels))
+
+
+def check_pairs(pairing: sampler.Pairing, raws: dict, pair_by: str):
+  """Pairing by obs_names that pairs nothing is almost always a naming mismatch between the files."""
+  if pair_by == "obs_names" and len(sampler.paired_ids(pairing)) == 0:
+    examples = "; ".join(f"{r.path}: {r.adata.obs_names[:2].tolist()}" for r in raws.values())
+    raise DataError(f"no cell is in two modalities: data.pair_by='obs_names' pairs cells by name and no obs_name "
+                    f"occurs in two files ({examples}). Give paired cells the same obs_names, or set "
+                    f"--config.data.pair_by=none to train on unpaired cells")
+
+
+def load_dataset(config, saved: dict | None = None, new_batches: bool = False) -> Dataset:
+  """Reads, checks, pairs, splits and preprocesses every modality of `config.data`.
+
+  `saved` (from a checkpoint) supplies the features, fitted preprocessing and categories of a trained model instead
+  of choosing and fitting them anew; the data's features are matched to it by name. `new_batches` (fine-tuning)
+  appends batch categories the saved model never saw, in sorted order, instead of refusing them.
+  """
+  names = modality_order(config)
+  if len(names) < 2:
+    raise DataError(f"CLUE needs at least two modalities; data.modalities has {names}")
+  raws = {}
+  for name in names:
+    trained = None if saved is None else {"features": saved["features"][name],
+                                          "rep_features": saved["rep_features"].get(name)}
+    raws[name] = read_modality(name, config.data.modalities[name], config.data.count_check, trained)
+  pairing = sampler.pair_cells({n: r.adata.obs_names for n, r in raws.items()}, config.data.pair_by)
+  check_pairs(pairing, raws, config.data.pair_by)
+  rng = np.random.default_rng([config.seed, 1])
+  heldout = None
+  if config.data.heldout_pairs > 0:
+    pairing, heldout = sampler.hide_pairs(pairing, config.data.heldout_pairs, rng)
+  if heldout is None and config.train.monitor == "heldout_foscttm":
+    raise DataError(f"train.monitor='heldout_foscttm' needs held-out pairs, but data.heldout_pairs="
+                    f"{config.data.heldout_pairs} hides none of the {len(sampler.paired_ids(pairing))} paired "
+                    f"cells; raise data.heldout_pairs or set --config.train.monitor=val_loss")
+  train_ids, val_ids = sampler.split_ids(len(pairing.ids), config.data.val_split, rng)
+  label_categories = tuple(saved["label_categories"]) if saved else label_categories_of(raws)
+  modalities = {}
+  for name in names:
+    rows = pairing.rows[name][train_ids]
+    rows = np.sort(rows[rows >= 0])
+    if saved:
+      state = saved["preprocess"][name]
+      batch_categories = saved["batch_categories"][name]
+      if new_batches:
+        batch_categories = grown_categories(raws[name], batch_categories)
+    else:
+      if rows.size == 0:
+        raise DataError(f"{raws[name].path}: no cell of modality {name!r} lands in the training split; lower "
+                        f"data.val_split or add cells")
+      state, batch_categories = fit_representation(raws[name], name, rows, config.seed), None
+    modalities[name] = build_modality(name, raws[name], state, batch_categories, label_categories)
+  if config.model.shared_batches:
+    lists = {n: m.batch_categories for n, m in modalities.items()}
+    if len(set(lists.values())) > 1:
+      raise DataError(f"model.shared_batches=True needs the same batch categories in every modality, got {lists}; "
+                      f"make the batch columns categorical with identical categories or set "
+                      f"--config.model.shared_batches=False")
+  if len(train_ids) < config.train.batch_size:
+    raise DataError(f"only {len(train_ids)} training cell IDs, fewer than one batch "
+                    f"(train.batch_size={config.train.batch_size}); lower the batch size or data.val_split")
+  return Dataset(modalities, pairing, train_ids, val_ids, heldout, label_categories)
+
+
+def steps_chunk(dataset: Dataset, epoch_rows: sampler.EpochRows, first_step: int, n_steps: int,
+                batch_size: int) -> dict:
+  """Dense arrays of shape (n_steps, batch_size, ...) for steps first_step .. first_step + n_steps of an epoch."""
+  sl = slice(first_step * batch_size, (first_step + n_steps) * batch_size)
+  return minibatch(dataset, {n: r[sl].reshape(n_steps, batch_size) for n, r in epoch_rows.rows.items()},
+                   {n: m[sl].reshape(n_steps, batch_size) for n, m in epoch_rows.masks.items()},
+                   epoch_rows.valid[sl].reshape(n_steps, batch_size))
+
+
+def minibatch(dataset: Dataset, rows: dict, masks: dict, valid: np.ndarray) -> dict:
+  """Dense arrays for the given rows of every modality (leading axes as given, e.g. (steps, batch))."""
+  batch = {"valid": valid.astype(np.float32)}
+  for name, m in dataset.modalities.items():
+    r = rows[name]
+    flat = r.reshape(-1)
+    arrays = {
+        "counts": m.counts[flat].toarray().reshape(*r.shape, -1),
+        "batch": m.batch[r],
+        "label": m.label[r],
+        "mask": masks[name].astype(np.float32),
+    }
+    if m.rep is not None:
+      arrays["rep"] = m.rep[r]
+    if m.log_factorial is not None:
+      arrays["log_factorial"] = m.log_factorial[r]
+    batch[name] = arrays
+  return batch

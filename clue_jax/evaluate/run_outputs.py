@@ -1,0 +1,91 @@
+"""Reading a finished run's outputs for evaluation and plots: its config, the embedding and obs of every modality,
+metrics.jsonl, and the cells whose pairing training hid."""
+
+import json
+import pathlib
+import warnings
+from typing import NamedTuple
+
+import anndata as ad
+import ml_collections
+import numpy as np
+
+from clue_jax.data import dataset as data_lib, sampler
+
+CONVENTIONAL_LABEL_KEY = "cell_type"  # Used when neither the command nor the config names a label column.
+CONVENTIONAL_BATCH_KEY = "batch"
+
+
+class RunOutputsError(ValueError):
+  """A run directory without the outputs of a finished run; the message names the file and the fix."""
+
+
+class RunOutputs(NamedTuple):
+  config: ml_collections.ConfigDict
+  embeddings: dict  # modality -> (cells, d) array, in modality order.
+  obs: dict  # modality -> obs DataFrame of the embedded cells.
+  records: list  # metrics.jsonl, one dict per epoch.
+  heldout_ids: list  # Cell names whose pairing training hid (data.heldout_pairs).
+
+
+def load(workdir, finished: bool = True) -> RunOutputs:
+  """The outputs in `workdir`; `finished=False` skips the check for summary.json (the trainer, before writing it)."""
+  workdir = pathlib.Path(workdir)
+  for path in (workdir / "summary.json", workdir / "config.json")[0 if finished else 1:]:
+    if not path.is_file():
+      raise RunOutputsError(f"{workdir}: no finished run there ({path.name} is missing); evaluate the --workdir of a "
+                            f"run that completed, or finish it with `python -m clue_jax.train --config=... "
+                            f"--workdir={workdir}`")
+  config = ml_collections.ConfigDict(json.loads((workdir / "config.json").read_text()))
+  embeddings, obs = {}, {}
+  for name in data_lib.modality_order(config):
+    path = workdir / "embeddings" / f"{name}.h5ad"
+    if not path.is_file():
+      raise RunOutputsError(f"{path} is missing: the run's embeddings are incomplete; run the training command "
+                            f"again on {workdir} to rewrite them")
+    with warnings.catch_warnings():  # Old-format obs columns copied from the input files.
+      warnings.simplefilter("ignore")
+      adata = ad.read_h5ad(path)
+    if "X_clue" not in adata.obsm:
+      raise RunOutputsError(f"{path} has no obsm['X_clue']: it is not a clue_jax embedding file")
+    embeddings[name], obs[name] = np.asarray(adata.obsm["X_clue"]), adata.obs
+  return RunOutputs(config, embeddings, obs, read_records(workdir / "metrics.jsonl"), heldout_ids(config, obs))
+
+
+def read_records(path: pathlib.Path) -> list:
+  if not path.is_file():
+    return []
+  return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def heldout_ids(config, obs: dict) -> list:
+  """The cell names of the pairs `data_lib.load_dataset` hid: the same pairing and the same seeded draw."""
+  if config.data.heldout_pairs <= 0:
+    return []
+  pairing = sampler.pair_cells({n: o.index for n, o in obs.items()}, config.data.pair_by)
+  _, hidden = sampler.hide_pairs(pairing, config.data.heldout_pairs, np.random.default_rng([config.seed, 1]))
+  if hidden is None:
+    return []
+  names = set()
+  for name, rows in hidden.items():
+    names.update(obs[name].index[rows[rows >= 0]].astype(str))
+  return sorted(names)
+
+
+def default_keys(config, columns, label_key=None, batch_key=None) -> tuple:
+  """(label column, batch column) to score with; "" for none.
+
+  A key given here wins; else `evals.label_key` / `evals.batch_key` of the config, else the first modality's
+  `label_key` / `batch_key`, else the conventional name when the obs has that column.
+  """
+  evals = config.get("evals", ml_collections.ConfigDict())
+  specs = [config.data.modalities[n] for n in data_lib.modality_order(config)]
+
+  def choose(given, eval_key, field, conventional):
+    if given is not None:
+      return given
+    configured = [evals.get(eval_key, "")] + [s.get(field, "") for s in specs]
+    return next((k for k in configured if k), conventional if conventional in columns else "")
+
+  return (choose(label_key, "label_key", "label_key", CONVENTIONAL_LABEL_KEY),
+          choose(batch_key, "batch_key", "batch_key", CONVENTIONAL_BATCH_KEY))

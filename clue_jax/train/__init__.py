@@ -1,0 +1,1 @@
+"""Training: the jitted step, schedule, checkpoints, sharding and the loop; `python -m clue_jax.train`."""

@@ -1,0 +1,82 @@
+"""Training data on the devices: the gathered minibatches and the trained state equal the host path's, the hot loop
+copies nothing between host and devices, and the chunk compiles once."""
+
+import importlib.util
+import pathlib
+
+import jax
+import numpy as np
+import pytest
+import scipy.sparse as sp
+
+from clue_jax.data import dataset as data_lib, device_data, sampler
+from clue_jax.train import parallel, steps, trainer
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+BATCH = 64
+
+
+@pytest.fixture(scope="module")
+def setup():
+  spec = importlib.util.spec_from_file_location("config_smoke", ROOT / "configs" / "smoke.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config()
+  dataset = data_lib.load_dataset(config)
+  mesh = parallel.make_mesh(4)
+  rows = sampler.epoch_rows(dataset.pairing, dataset.train_ids, np.random.default_rng(0), BATCH, drop_last=True)
+  return config, dataset, mesh, rows
+
+
+def test_padded_rows_hold_every_non_zero():
+  counts = sp.random(7, 9, density=0.3, format="lil", random_state=0, dtype=np.float32)
+  counts[3] = 0.0
+  counts = counts.tocsr()
+  columns, values = device_data.padded_rows(counts)
+  assert columns.shape == (7, max(np.diff(counts.indptr)))
+  dense = np.zeros((7, 9), np.float32)
+  np.add.at(dense, (np.arange(7)[:, None], columns), values)
+  np.testing.assert_array_equal(dense, counts.toarray())
+
+
+def test_gathered_minibatch_equals_host_minibatch(setup):
+  _, dataset, _, rows = setup
+  indices = device_data.epoch_chunks(rows, 2, BATCH, 2)[0]
+  n_features = {n: m.counts.shape[1] for n, m in dataset.modalities.items()}
+  arrays = device_data.host_arrays(dataset)
+  for step in range(2):
+    gathered = device_data.gather(arrays, jax.tree.map(lambda a: a[step], indices), n_features)
+    host = data_lib.steps_chunk(dataset, rows, step, 1, BATCH)
+    jax.tree.map(lambda g, h: np.testing.assert_array_equal(np.asarray(g), h[0]), gathered, host)
+
+
+def test_device_chunk_trains_like_the_host_chunk_without_transfers_or_recompiles(setup):
+  config, dataset, mesh, rows = setup
+  model = trainer.model_from(config, dataset)
+  weights = trainer.loss_weights(config, dataset.names)
+  n_steps = 2 * config.train.steps_per_dispatch
+  per = config.train.steps_per_dispatch
+  chunk_sharding = parallel.batch_sharding(mesh, 1)
+  example = jax.tree.map(lambda x: x[0], data_lib.steps_chunk(dataset, rows, 0, 1, BATCH))
+  init = jax.jit(lambda k, b: steps.init_state(model, k, b), out_shardings=parallel.replicated(mesh))
+  key, lr, noise = jax.random.key(1), np.float32(2e-3), np.float32(0.5)
+
+  host_chunk = jax.jit(steps.make_train_chunk(model, weights, True))
+  host_state = init(jax.random.key(0), example)
+  for first in range(0, n_steps, per):
+    host_state, _ = host_chunk(host_state, parallel.put(data_lib.steps_chunk(dataset, rows, first, per, BATCH),
+                                                        chunk_sharding), key, lr, noise)
+
+  n_features = {n: m.counts.shape[1] for n, m in dataset.modalities.items()}
+  device_chunk = jax.jit(steps.make_device_train_chunk(model, weights, True, n_features))
+  arrays = parallel.put(device_data.host_arrays(dataset), parallel.replicated(mesh))
+  chunks = parallel.put(device_data.epoch_chunks(rows, n_steps, BATCH, per), chunk_sharding)
+  scalars = jax.device_put((key, lr, noise), parallel.replicated(mesh))
+  state = init(jax.random.key(0), example)
+  state, _ = device_chunk(state, arrays, chunks[0], *scalars)
+  with jax.transfer_guard("disallow"):
+    for chunk in chunks[1:]:
+      state, _ = device_chunk(state, arrays, chunk, *scalars)
+  assert device_chunk._cache_size() == 1
+  jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), state.params,
+               host_state.params)

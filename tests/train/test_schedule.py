@@ -1,0 +1,59 @@
+"""AUTO epoch formulas, burn-in noise, early stopping and ReduceLROnPlateau (method.md §3.2)."""
+
+import math
+
+from clue_jax.train import schedule as schedule_lib
+from clue_jax.train.schedule import Plan, Schedule, auto_plan
+
+
+def test_auto_formulas_match_the_reference_examples():
+  # method.md: ~66k IDs (10 % validation) at lr 2e-3 and batch 128 give 13 / 78 / 10 / 4 epochs.
+  plan = auto_plan(round(66175 * 0.9), 128, 2e-3)
+  assert (plan.align_burnin, plan.max_epochs, plan.patience, plan.reduce_lr_patience) == (13, 78, 10, 4)
+  # Large data: the floors 12 / 72 / 9 / 3 apply.
+  assert auto_plan(10_000_000, 128, 2e-3) == Plan(72, 12, 9, 3)
+
+
+def test_cap_scales_auto_values_together():
+  # The CITE starter (540 training IDs) explodes to 8,534 epochs; a cap of 200 gives the reference run's burn-in 34.
+  assert auto_plan(540, 128, 2e-3).max_epochs == 8534
+  plan = auto_plan(540, 128, 2e-3, cap=200)
+  assert plan == Plan(200, 34, 26, 9)
+  # An explicit max_epochs is a budget too (PBMC: 100 epochs -> burn-in 17); explicit values are kept.
+  assert auto_plan(round(10849 * 0.9), 128, 2e-3, max_epochs=100) == Plan(100, 17, 13, 5)
+  assert auto_plan(540, 128, 2e-3, max_epochs=10, align_burnin=2, cap=200) == Plan(10, 2, 2, 1)
+
+
+def test_noise_annealing():
+  assert [schedule_lib.noise_scale(e, 4) for e in (1, 2, 3, 4, 5, 6)] == [1.0, 0.75, 0.5, 0.25, 0.0, 0.0]
+  assert schedule_lib.noise_scale(1, 0) == 0.0
+
+
+def test_early_stopping_after_burnin_only():
+  s = Schedule(Plan(max_epochs=100, align_burnin=2, patience=2, reduce_lr_patience=0), lr=1.0)
+  for epoch, value in enumerate([5.0, 6.0, 7.0, 1.0, 1.0, 0.5, 0.6, 0.6], start=1):
+    events = s.after_epoch(epoch, value)
+    assert events["early_stop"] == (epoch == 8)
+  assert s.done and s.epoch == 8
+
+
+def test_reduce_lr_on_plateau_torch_semantics():
+  s = Schedule(Plan(max_epochs=100, align_burnin=0, patience=0, reduce_lr_patience=2), lr=1.0)
+  reduced = [s.after_epoch(e, v)["lr_reduced"] for e, v in enumerate([1.0, 0.99995, 1.0, 1.0, 0.5], 1)]
+  # 0.99995 is within the 1e-4 relative threshold, so it is not an improvement: 3 bad epochs > patience 2.
+  assert reduced == [False, False, False, True, False]
+  assert math.isclose(s.lr, 0.1) and s.lr_reductions == 1
+
+
+def test_schedule_round_trips_through_json():
+  s = Schedule(Plan(10, 2, 3, 1), lr=2e-3)
+  s.after_epoch(1, 3.0)
+  s.after_epoch(3, 2.0)
+  assert Schedule.from_json(s.to_json()) == s
+
+
+def test_best_checkpoints_kept_after_burnin_only():
+  s = Schedule(Plan(max_epochs=100, align_burnin=1, patience=0, reduce_lr_patience=0), lr=1.0)
+  kept = [s.keep_as_best(e, v, keep=2) for e, v in enumerate([0.1, 5.0, 4.0, 6.0, 3.0, float("nan")], start=1)]
+  assert kept == [False, True, True, False, True, False]
+  assert s.best_kept == [[3.0, 5], [4.0, 3]]
