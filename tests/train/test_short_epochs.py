@@ -1,0 +1,25 @@
+"""Epochs shorter than one dispatch of `train.steps_per_dispatch` steps (large batches): the trainer's epoch loop and
+experiments/bench_throughput.py run them as one partial chunk."""
+
+import argparse
+import importlib.util
+import math
+
+import pytest
+
+from run_helpers import ROOT
+
+SPEC = importlib.util.spec_from_file_location("bench_throughput", ROOT / "experiments" / "bench_throughput.py")
+bench_throughput = importlib.util.module_from_spec(SPEC)
+SPEC.loader.exec_module(bench_throughput)
+
+
+@pytest.mark.parametrize("host_data", [False, True])
+def test_an_epoch_shorter_than_one_dispatch_is_timed(tmp_path, host_data):
+  args = argparse.Namespace(preset="defaults", batch_size=256, devices=0, steps_per_dispatch=8, host_data=host_data,
+                            matmul_dtype="float32")
+  config = bench_throughput.bench_config(bench_throughput.synthetic_files(tmp_path, 700), args)
+  timers = bench_throughput.Timers(config, epochs=1)
+  assert timers.n_steps == 2 and timers.per_dispatch == 2
+  for cells_per_s in (timers.steps(), timers.loop()):
+    assert math.isfinite(cells_per_s) and cells_per_s > 0
