@@ -276,6 +276,25 @@ def same_config(saved: dict, current: dict) -> bool:
   return saved == current
 
 
+# Keys that may change on a run's workdir without making it another run: the run goes on from its latest checkpoint.
+BUDGET_KEYS = ("train.max_epochs", "train.patience", "train.reduce_lr_patience")
+
+
+def budget_changes(saved: dict, current: dict) -> dict | None:
+  """{key: [saved, current]} of the BUDGET_KEYS that differ, when no other key does (by `same_config`); else None."""
+  def without_budget(config_dict):
+    out = json.loads(json.dumps(config_dict))
+    for key in BUDGET_KEYS:
+      out["train"].pop(key.split(".")[1], None)
+    return out
+
+  if not same_config(without_budget(saved), without_budget(current)):
+    return None
+  saved_train = saved.get("train", {})
+  return {k: [saved_train.get(k.split(".")[1]), current["train"][k.split(".")[1]]] for k in BUDGET_KEYS
+          if saved_train.get(k.split(".")[1]) != current["train"][k.split(".")[1]]}
+
+
 # ------------------------------------------------------------------------------------------------ config files
 def load_module(path) -> types.ModuleType:
   """Executes the config file at `path` (configs/ is not a package) and returns it as a module."""

@@ -12,7 +12,7 @@ EPOCHS = 4  # Of the shared smoke run (conftest.smoke_run) and of load_config()'
 def load_config(name="smoke", **train):
   """configs/<name>.py at EPOCHS epochs, without a progress bar, with `train` overrides."""
   config = config_lib.load_module(ROOT / "configs" / f"{name}.py").get_config()
-  config.train.update(dict(max_epochs=EPOCHS, progress=False, **train))
+  config.train.update({"max_epochs": EPOCHS, "progress": False, **train})
   return config
 
 

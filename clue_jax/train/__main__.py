@@ -1,8 +1,9 @@
 """Command line: `python -m clue_jax.train --config=configs/cite.py --workdir=DIR [--config.KEY=VALUE ...]`.
 
-Trains CLUE and writes DIR/config.json, metrics.jsonl, tb/, checkpoints/, embeddings/ and summary.json.
-Re-running the same command on the same DIR resumes from the latest checkpoint. `--init_from=RUN` starts a new run
-from the final parameters (and the features and preprocessing) of the finished run in RUN, for fine-tuning.
+Trains CLUE and writes DIR/config.json, metrics.jsonl, tb/, checkpoints/, embeddings/ and summary.json. Re-running
+the same command on the same DIR resumes from the latest checkpoint; with only train.max_epochs, train.patience or
+train.reduce_lr_patience changed it continues the run (finished or not) from there. `--init_from=RUN` starts a new
+run from the final parameters (and the features and preprocessing) of the finished run in RUN, for fine-tuning.
 Every error a user can fix is printed as one line, `error: ...`, with exit status 1.
 
 Multi-host: start the same command once per process (on each host, same files, a --workdir that every host sees)

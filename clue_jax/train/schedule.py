@@ -98,6 +98,12 @@ class Schedule:
       self.stopped = True
     return events
 
+  def go_on_with(self, plan: Plan):
+    """A new epoch budget and patiences for a run that goes on (the burn-in it trained stays); the run is stopped
+    only if the new budget or patience says so."""
+    self.plan = dataclasses.replace(plan, align_burnin=self.plan.align_burnin)
+    self.stopped = self.epoch >= self.plan.max_epochs or 0 < self.plan.patience <= self.bad_stop
+
   @property
   def done(self) -> bool:
     return self.stopped or self.epoch >= self.plan.max_epochs

@@ -109,20 +109,25 @@ def saved_preprocessing(meta: dict, tree: dict) -> dict:
 def prepare_workdir(config, workdir: pathlib.Path, ckpts: checkpoint.Checkpoints):
   """Refuses a workdir holding another run; writes config.json (atomically).
 
-  Returns the newest readable (epoch, schedule, preprocess, meta) of the run being resumed, or None.
+  Returns the newest readable (epoch, schedule, preprocess, meta) of the run being resumed, or None, and the changed
+  `config_lib.BUDGET_KEYS` ({} when none) with which that run goes on.
   """
   try:
     extras = ckpts.newest_extras()
   except checkpoint.DamagedCheckpoint as e:
     raise TrainingError(f"no checkpoint in {workdir / 'checkpoints' / 'latest'} can be read ({e}); pass --overwrite "
                         f"to start over") from e
+  continued = {}
   if extras is not None and not config_lib.same_config(extras[3]["config"], config.to_dict()):
-    raise TrainingError(
-        f"{workdir} holds a run with a different config (see {workdir / 'config.json'}); use a new --workdir, pass "
-        f"--overwrite to start over, or --init_from={workdir} with a new --workdir to fine-tune from it")
+    continued = config_lib.budget_changes(extras[3]["config"], config.to_dict())
+    if continued is None:
+      raise TrainingError(
+          f"{workdir} holds a run with a different config (see {workdir / 'config.json'}); use a new --workdir, pass "
+          f"--overwrite to start over, or --init_from={workdir} with a new --workdir to fine-tune from it (only "
+          f"{', '.join(config_lib.BUDGET_KEYS)} may change: the run then goes on from its latest checkpoint)")
   if parallel.is_main_process():
     outputs.write_atomically(workdir / "config.json", lambda p: p.write_text(config.to_json_best_effort(indent=2)))
-  return extras
+  return extras, continued
 
 
 def finished_run(init_from: pathlib.Path, config):
@@ -333,7 +338,7 @@ def train_and_evaluate(config, workdir, init_from=None) -> dict:
   workdir = pathlib.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   ckpts = checkpoint.Checkpoints(workdir / "checkpoints", config.train.keep_best)
-  extras = prepare_workdir(config, workdir, ckpts)
+  extras, continued = prepare_workdir(config, workdir, ckpts)
 
   # Mesh (over the devices of every process; process 0 writes the files).
   main = parallel.is_main_process()
@@ -372,9 +377,12 @@ def train_and_evaluate(config, workdir, init_from=None) -> dict:
     latest, state = resume_state(ckpts, abstract_state, workdir)
     schedule = schedule_lib.Schedule.from_json(ckpts.restore_extras(latest)[0])
     ckpts.drop_best_after(latest)
+    if continued:
+      schedule.go_on_with(plan)
     if main:
       writer.truncate_after(workdir / "metrics.jsonl", latest)
-      print(f"Resuming {workdir} from epoch {latest}.", flush=True)
+      changes = "".join(f", {k} {old} -> {new}" for k, (old, new) in continued.items())
+      print(f"{'Continuing' if continued else 'Resuming'} {workdir} from epoch {latest}{changes}.", flush=True)
   else:
     state = init(init_key, example)
     if source is not None:
@@ -421,6 +429,8 @@ def train_and_evaluate(config, workdir, init_from=None) -> dict:
           f"data.")
 
     record = {"epoch": epoch, "step": int(state.step), "lr": schedule.lr, "noise_scale": noise}
+    if continued and epoch == latest + 1:
+      record["continued"] = continued  # The budget keys changed when the run went on from its epoch `latest`.
     record.update({f"train/loss_{k}": v for k, v in train_terms.items()})
     if len(dataset.val_ids):
       val_rows = sampler.epoch_rows(dataset.pairing, dataset.val_ids,
@@ -464,6 +474,8 @@ def train_and_evaluate(config, workdir, init_from=None) -> dict:
              "n_params": n_params, "heldout_foscttm": heldout_foscttm(encoder, state, dataset),
              "library_heads": library_heads(encoder, state, dataset),
              "embeddings": {k: list(v) for k, v in shapes.items()}}
+  if continued:
+    summary["continued"] = {"from_epoch": latest, "changes": continued}
   if main:
     summary["plots"] = periodic_eval.final_plots(workdir, config)
     outputs.write_atomically(workdir / "summary.json", lambda p: p.write_text(json.dumps(summary, indent=2)))

@@ -57,3 +57,23 @@ def test_best_checkpoints_kept_after_burnin_only():
   kept = [s.keep_as_best(e, v, keep=2) for e, v in enumerate([0.1, 5.0, 4.0, 6.0, 3.0, float("nan")], start=1)]
   assert kept == [False, True, True, False, True, False]
   assert s.best_kept == [[3.0, 5], [4.0, 3]]
+
+
+def test_a_schedule_goes_on_with_a_larger_budget_or_patience_and_keeps_its_burn_in():
+  stopped = Schedule(plan=Plan(max_epochs=10, align_burnin=2, patience=2, reduce_lr_patience=5), lr=1e-3)
+  for epoch, value in enumerate([5.0, 4.0, 1.0, 2.0, 3.0], start=1):
+    stopped.after_epoch(epoch, value)
+  assert stopped.done and stopped.bad_stop == 2  # Early-stopped at epoch 5.
+  same = Schedule.from_json(stopped.to_json())
+  same.go_on_with(Plan(max_epochs=20, align_burnin=4, patience=2, reduce_lr_patience=5))
+  assert same.done  # Its patience is still used up.
+  patient = Schedule.from_json(stopped.to_json())
+  patient.go_on_with(Plan(max_epochs=20, align_burnin=4, patience=3, reduce_lr_patience=5))
+  assert not patient.done and patient.plan == Plan(max_epochs=20, align_burnin=2, patience=3, reduce_lr_patience=5)
+  patient.after_epoch(6, 4.0)
+  assert patient.done and patient.epoch == 6
+  budget = Schedule(plan=Plan(max_epochs=3, align_burnin=1, patience=0, reduce_lr_patience=0), lr=1e-3)
+  for epoch in (1, 2, 3):
+    budget.after_epoch(epoch, 1.0)
+  budget.go_on_with(Plan(max_epochs=5, align_burnin=9, patience=0, reduce_lr_patience=0))
+  assert not budget.done and budget.plan.max_epochs == 5

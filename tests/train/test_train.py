@@ -310,6 +310,25 @@ def test_workdir_with_another_run_is_refused(smoke_run):
     trainer.train_and_evaluate(load_config(lr=1e-3), workdir)
 
 
+def test_a_finished_run_goes_on_when_only_its_epoch_budget_grows(smoke_run, tmp_path, capsys):
+  """Raising train.max_epochs on a finished run continues it from its latest checkpoint, to the model of a run that
+  had the larger budget from the start; any other change is still refused."""
+  workdir = tmp_path / "run"
+  trainer.train_and_evaluate(load_config(max_epochs=2), workdir)
+  summary = trainer.train_and_evaluate(load_config(), workdir)
+  assert f"Continuing {workdir} from epoch 2, train.max_epochs 2 -> {EPOCHS}." in capsys.readouterr().out
+  records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+  assert [r["epoch"] for r in records] == list(range(1, EPOCHS + 1))
+  continued = [None, None, {"train.max_epochs": [2, EPOCHS]}] + [None] * (EPOCHS - 3)
+  assert [r.get("continued") for r in records] == continued
+  assert summary["epochs_run"] == EPOCHS and summary["plan"]["max_epochs"] == EPOCHS
+  assert summary["continued"] == {"from_epoch": 2, "changes": {"train.max_epochs": [2, EPOCHS]}}
+  assert json.loads((workdir / "config.json").read_text())["train"]["max_epochs"] == EPOCHS
+  assert_trees_close(saved_params(workdir, EPOCHS), saved_params(smoke_run[0], EPOCHS), atol=0)
+  with pytest.raises(trainer.TrainingError, match="different config.*only train.max_epochs, train.patience"):
+    trainer.train_and_evaluate(load_config(lr=1e-3, max_epochs=EPOCHS + 1), workdir)
+
+
 def test_runs_saved_before_a_config_key_existed_still_resume():
   """A saved config without a key added later matches while the key holds its default, and only then."""
   current = load_config().to_dict()
