@@ -132,7 +132,7 @@ class Run:
     Returns a new AnnData (obs copied, the embedding in obsm[key_added]); with `inplace=True` it writes
     obsm[key_added] of the given AnnData (of the modality's AnnData in a MuData) and returns None.
     """
-    cells = self.modality_data(adata, modality)
+    cells = self.modality_data(adata, modality, written=inplace)
     embedding = self.embed(cells, modality)
     if inplace:
       cells.obsm[key_added] = embedding
@@ -275,8 +275,9 @@ class Run:
       raise RunError(f"unknown modality {modality!r}; this run has {list(self.modalities)}")
     return modality
 
-  def modality_data(self, adata, modality: str) -> ad.AnnData:
-    """The AnnData of `modality`: `adata` itself, or its `.mod` entry for a MuData."""
+  def modality_data(self, adata, modality: str, written: bool = False) -> ad.AnnData:
+    """The AnnData of `modality`: `adata` itself, its `.mod` entry for a MuData, or a new one made of its
+    `obsm[obsm_key]` for a modality trained from obsm (`written`: refused, nothing could be written there)."""
     self.check_modality(modality)
     if hasattr(adata, "mod"):
       key = self.config.data.modalities[modality].mod_key or modality
@@ -285,6 +286,12 @@ class Run:
       adata = adata.mod[key]
     if not isinstance(adata, ad.AnnData):
       raise RunError(f"expected an AnnData or MuData for {modality!r}, got {type(adata).__name__}")
+    spec = self.config.data.modalities[modality]
+    if spec.obsm_key and spec.obsm_key in adata.obsm:  # The layout of training (else the modality's own AnnData).
+      if written:
+        raise RunError(f"{modality!r} is read from obsm[{spec.obsm_key!r}], so inplace=True has no AnnData of its own "
+                       f"to write to; use the AnnData that encode returns")
+      adata = data_lib.obsm_modality(adata, modality, spec, f"the {modality!r} cells")
     return adata
 
   def encoder_inputs(self, cells: ad.AnnData, modality: str, with_library: bool):
@@ -298,7 +305,7 @@ class Run:
     layer = None
     if needs_counts:
       field = f"data.modalities.{modality}.layer"
-      layer = data_lib.as_csr(data_lib.layer_matrix(cells, spec.layer, where, field))
+      layer = data_lib.as_csr(data_lib.layer_matrix(cells, data_lib.count_layer(spec), where, field))
       data_lib.check_counts(layer, spec.likelihood, where, f"{field}={spec.layer!r}", self.config.data.count_check)
     features = self.saved["features"][modality]
     rep_features = self.saved["rep_features"].get(modality)

@@ -25,6 +25,11 @@ def modality(path: str = "", likelihood: str = "NB", **overrides) -> ml_collecti
   config.path = path  # .h5ad file, or .h5mu file holding this modality (see `mod_key`).
   config.mod_key = ""  # Modality name inside an .h5mu file; "" = this modality's config name.
   config.layer = "counts"  # Raw counts: a layer name, or "X".
+  # A modality kept inside another's AnnData: its counts are obsm[obsm_key] of the file at `path` (totalVI:
+  # "protein_expression", a DataFrame whose columns are the features; openproblems: "mode2", with the feature names
+  # in uns[var_names_key], "mode2_var"). `layer` is then not read. "" = the file's own X / layers.
+  config.obsm_key = ""
+  config.var_names_key = ""  # uns entry of the feature names when obsm[obsm_key] is an array.
   config.likelihood = likelihood  # NB | Normal | ZIN | ZILN | Bernoulli | MSE | RMSE.
   config.batch_key = ""  # obs column holding the batch covariate; "" = one batch.
   config.label_key = ""  # obs column with cell-type labels (supervised term); "" = none.

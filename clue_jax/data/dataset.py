@@ -107,6 +107,35 @@ def anndata_group(group: h5py.Group, key: str | None, path: pathlib.Path, name: 
   return group
 
 
+def obsm_modality(adata: ad.AnnData, name: str, spec, path: str) -> ad.AnnData:
+  """Modality `name` kept in `adata.obsm[spec.obsm_key]` (totalVI, openproblems layouts) as its own AnnData: X the
+  counts, obs `adata`'s, var names the DataFrame's columns or `adata.uns[spec.var_names_key]`."""
+  field = f"data.modalities.{name}.obsm_key"
+  if spec.obsm_key not in adata.obsm:
+    raise DataError(f"{path}: no obsm[{spec.obsm_key!r}] ({field}); its obsm keys are {list(adata.obsm)}. Set "
+                    f"--config.{field} to one of them, or to '' to read the file's X / layers")
+  values = adata.obsm[spec.obsm_key]
+  names_field = f"data.modalities.{name}.var_names_key"
+  if isinstance(values, pd.DataFrame):
+    names, values = np.asarray(values.columns).astype(str), values.to_numpy()
+  elif spec.var_names_key:
+    if spec.var_names_key not in adata.uns:
+      raise DataError(f"{path}: no uns[{spec.var_names_key!r}] ({names_field}); its uns keys are {list(adata.uns)}")
+    names = np.asarray(adata.uns[spec.var_names_key]).astype(str)
+  else:
+    raise DataError(f"{path}: obsm[{spec.obsm_key!r}] is an array without feature names; set "
+                    f"--config.{names_field} to the uns entry that holds them (openproblems files: mode2_var)")
+  if names.ndim != 1 or len(names) != values.shape[1]:
+    raise DataError(f"{path}: uns[{spec.var_names_key!r}] ({names_field}) holds {names.shape} names for the "
+                    f"{values.shape[1]} columns of obsm[{spec.obsm_key!r}]; it needs one name per column")
+  return ad.AnnData(X=values, obs=adata.obs.copy(), var=pd.DataFrame(index=pd.Index(names)))
+
+
+def count_layer(spec) -> str:
+  """Where a modality's counts are in its AnnData: X for a modality read from obsm, else `spec.layer`."""
+  return "X" if spec.obsm_key else spec.layer
+
+
 def layer_matrix(adata: ad.AnnData, layer: str, path: str, field: str):
   if layer == "X":
     if adata.X is None:
@@ -273,10 +302,12 @@ def read_modality(name: str, spec, count_check: str = "warn", trained: dict | No
   """Reads and checks one modality; `trained` ({"features", "rep_features"}) fixes the features of a trained model."""
   adata = read_anndata(name, spec)
   path = str(spec.path)
+  if spec.obsm_key:
+    adata = obsm_modality(adata, name, spec, path)
   check_unique_names(adata, path)
-  layer_field = f"data.modalities.{name}.layer"
-  field = f"{layer_field}={spec.layer!r}"
-  counts = as_csr(layer_matrix(adata, spec.layer, path, layer_field))
+  layer_field = f"data.modalities.{name}.{'obsm_key' if spec.obsm_key else 'layer'}"
+  field = f"{layer_field}={spec.obsm_key or spec.layer!r}"
+  counts = as_csr(layer_matrix(adata, count_layer(spec), path, layer_field))
   check_counts(counts, spec.likelihood, path, field, count_check)
   keep = nonzero_cells(counts, path, field)
   if not keep.all():

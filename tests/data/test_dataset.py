@@ -347,3 +347,72 @@ def test_batch_size_and_device_count_are_checked_against_the_devices():
     parallel.check_batch_size(6, parallel.make_mesh(4))
   with pytest.raises(config_lib.ConfigError, match=r"train.num_devices=8 is not allowed: only 4 devices are visible"):
     parallel.make_mesh(8)
+
+
+# ------------------------------------------------------------------------------------- modalities inside obsm
+def smoke_with_adt_in_obsm(tmp_path, layout: str):
+  """configs/smoke.py, and the same data with the ADT counts moved into the RNA file's obsm (totalVI layout: a
+  DataFrame in obsm["protein_expression"]; openproblems: an array in obsm["mode2"], the names in uns["mode2_var"])."""
+  config = config_lib.load_module(config_lib.DATASETS.parent.parent / "configs" / "smoke.py").get_config()
+  rna = ad.read_h5ad(config.data.modalities.rna.path)
+  adt = ad.read_h5ad(config.data.modalities.adt.path)
+  assert set(adt.obs_names) == set(rna.obs_names)
+  counts = sp.csr_matrix(adt[rna.obs_names].layers["counts"])
+  if layout == "totalvi":
+    rna.obsm["protein_expression"] = pd.DataFrame(counts.toarray(), index=rna.obs_names, columns=adt.var_names)
+    keys = {"obsm_key": "protein_expression"}
+  else:
+    rna.obsm["mode2"] = counts
+    rna.uns["mode2_var"] = np.asarray(adt.var_names)
+    keys = {"obsm_key": "mode2", "var_names_key": "mode2_var"}
+  path = tmp_path / "rna_with_adt.h5ad"
+  rna.write_h5ad(path)
+  moved = config_lib.load_module(config_lib.DATASETS.parent.parent / "configs" / "smoke.py").get_config()
+  moved.data.modalities.rna.path = moved.data.modalities.adt.path = str(path)
+  moved.data.modalities.adt.update(keys)
+  # The ADT PCA on the same counts: the ADT file's own X is normalised, obsm holds only the counts.
+  config.data.modalities.adt.rep_layer, moved.data.modalities.adt.rep_layer = "counts", "X"
+  return config, moved
+
+
+@pytest.mark.parametrize("layout", ["totalvi", "openproblems"])
+def test_a_modality_in_obsm_loads_as_from_its_own_file(tmp_path, layout):
+  config, moved = smoke_with_adt_in_obsm(tmp_path, layout)
+  expected, got = data_lib.load_dataset(config), data_lib.load_dataset(moved)
+  np.testing.assert_array_equal(got.train_ids, expected.train_ids)
+  for name in ("rna", "adt"):
+    a, b = expected.modalities[name], got.modalities[name]
+    assert list(a.obs.index) == list(b.obs.index)
+    np.testing.assert_array_equal(a.features, b.features)
+    np.testing.assert_array_equal(a.counts.toarray(), b.counts.toarray())
+    np.testing.assert_array_equal(a.rep, b.rep)
+    np.testing.assert_array_equal(a.batch, b.batch)
+
+
+def test_a_modality_in_obsm_names_what_is_missing(tmp_path):
+  _, moved = smoke_with_adt_in_obsm(tmp_path, "openproblems")
+  moved.data.modalities.adt.obsm_key = "protein"
+  with pytest.raises(data_lib.DataError, match=r"no obsm\['protein'\] \(data.modalities.adt.obsm_key\); its obsm "
+                                               r"keys are \['mode2'\]"):
+    data_lib.load_dataset(moved)
+  moved.data.modalities.adt.obsm_key, moved.data.modalities.adt.var_names_key = "mode2", ""
+  with pytest.raises(data_lib.DataError, match=r"obsm\['mode2'\] is an array without feature names; set "
+                                               r"--config.data.modalities.adt.var_names_key"):
+    data_lib.load_dataset(moved)
+  moved.data.modalities.adt.var_names_key = "nothing"
+  with pytest.raises(data_lib.DataError, match=r"no uns\['nothing'\] \(data.modalities.adt.var_names_key\)"):
+    data_lib.load_dataset(moved)
+
+
+def test_a_run_trained_from_obsm_encodes_the_same_layout(tmp_path):
+  from clue_jax import api
+  from clue_jax.train import trainer
+  _, moved = smoke_with_adt_in_obsm(tmp_path, "openproblems")
+  moved.train.update(max_epochs=1, progress=False)
+  trainer.train_and_evaluate(moved, tmp_path / "run")
+  run = api.load(tmp_path / "run")
+  host = ad.read_h5ad(moved.data.modalities.adt.path)
+  saved = ad.read_h5ad(tmp_path / "run" / "embeddings" / "adt.h5ad")
+  np.testing.assert_allclose(run.encode(host, "adt").obsm["X_clue"], saved.obsm["X_clue"], rtol=1e-5, atol=1e-5)
+  with pytest.raises(api.RunError, match=r"'adt' is read from obsm\['mode2'\], so inplace=True"):
+    run.encode(host, "adt", inplace=True)
