@@ -58,6 +58,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.data.modalities = ml_collections.ConfigDict()  # name -> modality(); config order = modality order.
   config.data.modality_order = ""  # Comma-separated names; "" = sorted names. Fixes the subspace order.
   config.data.pair_by = "obs_names"  # "obs_names" pairs cells across modalities; "none" makes all unpaired.
+  config.data.fingerprint = ""  # Set by clue_jax.fit: shapes and hashes of the in-memory inputs it trained on.
   config.data.val_split = 0.1  # Fraction of cell IDs held out for the validation loss.
   config.data.heldout_pairs = 0.0  # Fraction of paired IDs whose pairing is hidden (held-out FOSCTTM check).
   config.data.count_check = "warn"  # Non-integer counts under NB: "warn" or "error".

@@ -1,7 +1,11 @@
-"""What several test folders share: the repository root, the configs in configs/, the TensorBoard tags of a run."""
+"""What several test folders share: the repository root, the configs in configs/, a run's saved parameters and
+TensorBoard tags."""
 
 import pathlib
 import struct
+
+import numpy as np
+import orbax.checkpoint as ocp
 
 from clue_jax import config as config_lib
 
@@ -29,3 +33,25 @@ def tensorboard_tags(directory):
       tags.update(v.tag for v in event.summary.value)
       offset += 12 + length + 4
   return tags
+
+
+def saved_params(workdir, epoch, kind="latest"):
+  manager = ocp.CheckpointManager((workdir / "checkpoints" / kind).absolute())
+  restored = manager.restore(epoch, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+  manager.close()
+  return restored["state"]["params"]
+
+
+def assert_trees_close(a, b, atol):
+  flat_a, flat_b = dict(flatten(a)), dict(flatten(b))
+  assert flat_a.keys() == flat_b.keys()
+  for key in flat_a:
+    np.testing.assert_allclose(np.asarray(flat_a[key]), np.asarray(flat_b[key]), atol=atol, rtol=0, err_msg=key)
+
+
+def flatten(tree, prefix=""):
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      yield from flatten(value, f"{prefix}{key}/")
+    else:
+      yield f"{prefix}{key}", value

@@ -298,10 +298,16 @@ class RawModality:
   rep_features: np.ndarray | None  # Names of the features the representation is fitted on; None if not fitted.
 
 
-def read_modality(name: str, spec, count_check: str = "warn", trained: dict | None = None) -> RawModality:
-  """Reads and checks one modality; `trained` ({"features", "rep_features"}) fixes the features of a trained model."""
-  adata = read_anndata(name, spec)
-  path = str(spec.path)
+def read_modality(name: str, spec, count_check: str = "warn", trained: dict | None = None,
+                  adata: ad.AnnData | None = None) -> RawModality:
+  """Reads and checks one modality, from `spec.path` or from the in-memory `adata` (errors then name the object);
+  `trained` ({"features", "rep_features"}) fixes the features of a trained model."""
+  if adata is None:
+    adata, path = read_anndata(name, spec), str(spec.path)
+  elif not isinstance(adata, ad.AnnData):
+    raise DataError(f"the data of modality {name!r} is a {type(adata).__name__}, not an AnnData")
+  else:
+    path = f"the in-memory AnnData of {name!r}"
   if spec.obsm_key:
     adata = obsm_modality(adata, name, spec, path)
   check_unique_names(adata, path)
@@ -425,8 +431,10 @@ def check_pairs(pairing: sampler.Pairing, raws: dict, pair_by: str):
                     f"--config.data.pair_by=none to train on unpaired cells")
 
 
-def load_dataset(config, saved: dict | None = None, new_batches: bool = False) -> Dataset:
+def load_dataset(config, saved: dict | None = None, new_batches: bool = False, inputs: dict | None = None) -> Dataset:
   """Reads, checks, pairs, splits and preprocesses every modality of `config.data`.
+
+  `inputs` ({modality: AnnData}, e.g. from `clue_jax.fit`) replaces reading the files of the modalities it names.
 
   `saved` (from a checkpoint) supplies the features, fitted preprocessing and categories of a trained model instead
   of choosing and fitting them anew; the data's features are matched to it by name. `new_batches` (fine-tuning)
@@ -439,7 +447,8 @@ def load_dataset(config, saved: dict | None = None, new_batches: bool = False) -
   for name in names:
     trained = None if saved is None else {"features": saved["features"][name],
                                           "rep_features": saved["rep_features"].get(name)}
-    raws[name] = read_modality(name, config.data.modalities[name], config.data.count_check, trained)
+    raws[name] = read_modality(name, config.data.modalities[name], config.data.count_check, trained,
+                               (inputs or {}).get(name))
   pairing = sampler.pair_cells({n: r.adata.obs_names for n, r in raws.items()}, config.data.pair_by)
   check_pairs(pairing, raws, config.data.pair_by)
   rng = np.random.default_rng([config.seed, 1])

@@ -3,8 +3,9 @@
 Every array is copied, except the rows that follow the batch categories: those of a batch the finished run knew are
 copied by batch name, and a new batch's rows keep their fresh initialisation, as the reference's transfer of
 batch-specific weights does. Batch rows are, by the layout of `clue_jax.model.network`: the last rows of every
-decoder kernel (decoders read [input, batch one-hot] at every layer), all rows of the decoders' head tables (batches x features),
-and the last rows of the first discriminator kernel when the discriminator is batch-conditioned.
+decoder kernel (decoders read [input, batch one-hot] at every layer), all rows of the decoders' head tables
+(batches x features), and the last rows of the first discriminator kernel when the discriminator is
+batch-conditioned.
 """
 
 import numpy as np

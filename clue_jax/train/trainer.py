@@ -329,10 +329,11 @@ def make_epoch_runner(config, model: CLUE, weights: losses.Weights, dataset: dat
   return run
 
 
-def train_and_evaluate(config, workdir, init_from=None) -> dict:
+def train_and_evaluate(config, workdir, init_from=None, inputs=None) -> dict:
   """Trains CLUE as `config` says, writing everything under `workdir`; returns a summary.
 
   `init_from`: the directory of a finished run; a new run starts from its final parameters and preprocessing.
+  `inputs`: {modality: AnnData} in memory instead of the files of those modalities (`clue_jax.fit`).
   """
   config_lib.validate(config)
   workdir = pathlib.Path(workdir)
@@ -354,7 +355,7 @@ def train_and_evaluate(config, workdir, init_from=None) -> dict:
   elif init_from is not None:
     source = finished_run(pathlib.Path(init_from), config)
     saved = source[3]
-  dataset = data_lib.load_dataset(config, saved, new_batches=source is not None)
+  dataset = data_lib.load_dataset(config, saved, new_batches=source is not None, inputs=inputs)
   model = model_from(config, dataset)
   weights = loss_weights(config, dataset.names)
   batch_size = config.train.batch_size

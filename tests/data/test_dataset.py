@@ -402,17 +402,3 @@ def test_a_modality_in_obsm_names_what_is_missing(tmp_path):
   moved.data.modalities.adt.var_names_key = "nothing"
   with pytest.raises(data_lib.DataError, match=r"no uns\['nothing'\] \(data.modalities.adt.var_names_key\)"):
     data_lib.load_dataset(moved)
-
-
-def test_a_run_trained_from_obsm_encodes_the_same_layout(tmp_path):
-  from clue_jax import api
-  from clue_jax.train import trainer
-  _, moved = smoke_with_adt_in_obsm(tmp_path, "openproblems")
-  moved.train.update(max_epochs=1, progress=False)
-  trainer.train_and_evaluate(moved, tmp_path / "run")
-  run = api.load(tmp_path / "run")
-  host = ad.read_h5ad(moved.data.modalities.adt.path)
-  saved = ad.read_h5ad(tmp_path / "run" / "embeddings" / "adt.h5ad")
-  np.testing.assert_allclose(run.encode(host, "adt").obsm["X_clue"], saved.obsm["X_clue"], rtol=1e-5, atol=1e-5)
-  with pytest.raises(api.RunError, match=r"'adt' is read from obsm\['mode2'\], so inplace=True"):
-    run.encode(host, "adt", inplace=True)

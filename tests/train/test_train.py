@@ -13,7 +13,6 @@ import time
 
 import anndata as ad
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 
 import jax
@@ -21,29 +20,7 @@ import jax
 from clue_jax import api, config as config_lib, outputs
 from clue_jax.data import dataset as data_lib, sampler
 from clue_jax.train import parallel, steps, trainer
-from run_helpers import EPOCHS, ROOT, load_config, tensorboard_tags
-
-
-def saved_params(workdir, epoch, kind="latest"):
-  manager = ocp.CheckpointManager((workdir / "checkpoints" / kind).absolute())
-  restored = manager.restore(epoch, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
-  manager.close()
-  return restored["state"]["params"]
-
-
-def assert_trees_close(a, b, atol):
-  flat_a, flat_b = dict(_flatten(a)), dict(_flatten(b))
-  assert flat_a.keys() == flat_b.keys()
-  for key in flat_a:
-    np.testing.assert_allclose(np.asarray(flat_a[key]), np.asarray(flat_b[key]), atol=atol, rtol=0, err_msg=key)
-
-
-def _flatten(tree, prefix=""):
-  for key, value in tree.items():
-    if isinstance(value, dict):
-      yield from _flatten(value, f"{prefix}{key}/")
-    else:
-      yield f"{prefix}{key}", value
+from run_helpers import EPOCHS, ROOT, assert_trees_close, flatten, load_config, saved_params, tensorboard_tags
 
 
 def test_run_directory_is_complete(smoke_run):
@@ -115,7 +92,7 @@ def test_same_step_on_one_and_four_devices():
   (params_1, stats_1, losses_1), (params_4, stats_4, losses_4) = results[1], results[4]
   for key in losses_1:
     np.testing.assert_allclose(losses_1[key], losses_4[key], rtol=1e-5, err_msg=key)
-  flat_1, flat_4 = dict(_flatten(params_1)), dict(_flatten(params_4))
+  flat_1, flat_4 = dict(flatten(params_1)), dict(flatten(params_4))
   differ, total = 0, 0
   for key in flat_1:
     diff = np.abs(flat_1[key] - flat_4[key])
@@ -123,7 +100,7 @@ def test_same_step_on_one_and_four_devices():
     if not is_pre_batchnorm_bias(key):
       differ, total = differ + int((diff > 1e-5).sum()), total + diff.size
   assert differ / total < 1e-3, f"{differ} of {total} parameters differ"
-  for (key, a), (_, b) in zip(_flatten(stats_1), _flatten(stats_4)):
+  for (key, a), (_, b) in zip(flatten(stats_1), flatten(stats_4)):
     np.testing.assert_allclose(a, b, atol=1e-5, err_msg=key)
 
 
