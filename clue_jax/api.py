@@ -129,6 +129,8 @@ def fingerprint(modalities: dict) -> str:
         value = group[key]
         value = value.data if sp.issparse(value) else np.asarray(value.to_numpy() if hasattr(value, "to_numpy")
                                                                   else value)
+        if value.dtype == object:  # Bytes of an object array are pointers: hash the values' text instead.
+          value = value.astype(str)
         digest.update(key.encode())
         digest.update(np.ascontiguousarray(value).tobytes())
   return digest.hexdigest()[:16]
