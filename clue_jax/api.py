@@ -22,6 +22,7 @@ from typing import NamedTuple
 import anndata as ad
 import jax
 import ml_collections
+import mudata
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
@@ -218,12 +219,17 @@ class Run:
     return tuple(self.saved["batch_categories"][self.check_modality(modality)])
 
   # ---------------------------------------------------------------------------------------------------- encode
-  def encode(self, adata, modality: str, key_added: str = "X_clue", inplace: bool = False):
+  def encode(self, adata, modality: str | None = None, key_added: str = "X_clue", inplace: bool = False):
     """Posterior means over all K x latent_dim dimensions of `modality`'s cells.
 
     Returns a new AnnData (obs copied, the embedding in obsm[key_added]); with `inplace=True` it writes
     obsm[key_added] of the given AnnData (of the modality's AnnData in a MuData) and returns None.
+    With no `modality`, `adata` is a MuData and every modality of the run in it is encoded: each into its
+    `mod[m].obsm[key_added]`, and the joint embedding (per cell, the mean over the modalities it was measured in, as
+    training averages them) into the MuData's `obsm[key_added]`; a new MuData, or with `inplace=True` the given one.
     """
+    if modality is None:
+      return self.encode_mudata(adata, key_added, inplace)
     cells = self.modality_data(adata, modality, written=inplace)
     embedding = self.embed(cells, modality)
     if inplace:
@@ -232,6 +238,38 @@ class Run:
     out = ad.AnnData(obs=cells.obs.copy())
     out.obsm[key_added] = embedding
     return out
+
+  def encode_mudata(self, mdata, key_added: str, inplace: bool):
+    if not hasattr(mdata, "mod"):
+      raise RunError(f"encode() without a modality encodes a MuData; for one {type(mdata).__name__} name its "
+                     f"modality, e.g. encode(adata, {self.modalities[0]!r})")
+    present = [m for m in self.modalities if (self.config.data.modalities[m].mod_key or m) in mdata.mod]
+    if not present:
+      raise RunError(f"the MuData holds none of this run's modalities {list(self.modalities)} (it has "
+                     f"{list(mdata.mod)})")
+    encoded = {m: self.encode(mdata, m, key_added, inplace) for m in present}
+    if inplace:
+      mdata.obsm[key_added] = self.joint(mdata, {m: self.modality_data(mdata, m) for m in present}, key_added)
+      return None
+    out = mudata.MuData({self.config.data.modalities[m].mod_key or m: e for m, e in encoded.items()})
+    out.obsm[key_added] = self.joint(out, {m: self.modality_data(out, m) for m in present}, key_added)
+    return out
+
+  @staticmethod
+  def joint(mdata, cells: dict, key: str) -> np.ndarray:
+    """(mdata's cells, dims): the mean of `cells[m].obsm[key]` over the modalities each cell is in (NaN for cells
+    in none of them)."""
+    total = count = 0
+    for name, adata in cells.items():
+      rows = mdata.obs_names.get_indexer(adata.obs_names)
+      if (rows < 0).any():
+        raise RunError(f"{int((rows < 0).sum())} cells of modality {name!r} are not in the MuData's obs_names; call "
+                       f"mdata.update() after changing its modalities")
+      values = np.zeros((mdata.n_obs, adata.obsm[key].shape[1]), np.float64)
+      values[rows] = adata.obsm[key]
+      total, count = total + values, count + np.isin(np.arange(mdata.n_obs), rows)
+    with np.errstate(invalid="ignore"):
+      return (total / count[:, None]).astype(np.float32)
 
   def embed(self, cells: ad.AnnData, modality: str) -> np.ndarray:
     rep, counts = self.encoder_inputs(cells, modality, with_library=False)

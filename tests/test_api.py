@@ -6,6 +6,7 @@ import types
 
 import anndata as ad
 import ml_collections
+import mudata
 import numpy as np
 import pytest
 from scipy import stats
@@ -13,6 +14,7 @@ from scipy import stats
 from clue_jax import api
 from clue_jax.data import dataset as data_lib, preprocess
 from clue_jax.evaluate import metrics, prediction
+from clue_jax.evaluate.neighbor_graph import neighbor_graph
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 STARTER = ROOT / "clue_jax" / "datasets" / "bmmc_cite_starter"
@@ -61,6 +63,34 @@ def test_encode_takes_the_modality_out_of_a_mudata(run, cells):
                                 run.encode(cells["adt"], "adt").obsm["X_clue"])
   with pytest.raises(api.RunError, match=r"no modality 'rna' \(it has \['adt'\]\)"):
     run.encode(types.SimpleNamespace(mod={"adt": cells["adt"]}), "rna")
+
+
+def test_encode_a_mudata_writes_every_modality_and_the_joint_embedding(run, cells):
+  rna, adt = cells["rna"].copy(), cells["adt"][: cells["adt"].n_obs // 2].copy()  # Half the cells lack ADT.
+  mdata = mudata.MuData({"rna": rna, "adt": adt})
+  returned = run.encode(mdata)
+  assert "X_clue" not in mdata.obsm and "X_clue" not in mdata.mod["rna"].obsm
+  assert run.encode(mdata, inplace=True) is None
+  own = {m: run.encode(cells[m], m).obsm["X_clue"] for m in ("rna", "adt")}
+  np.testing.assert_array_equal(mdata.mod["rna"].obsm["X_clue"], own["rna"])
+  np.testing.assert_array_equal(mdata.mod["adt"].obsm["X_clue"], own["adt"][: adt.n_obs])
+  joint = mdata.obsm["X_clue"]
+  rows = {m: mdata.obs_names.get_indexer(mdata.mod[m].obs_names) for m in ("rna", "adt")}
+  both = np.isin(np.arange(mdata.n_obs), rows["adt"])
+  np.testing.assert_allclose(joint[rows["adt"]], (own["rna"][: adt.n_obs] + own["adt"][: adt.n_obs]) / 2, atol=1e-6)
+  np.testing.assert_allclose(joint[~both], own["rna"][~np.isin(rows["rna"], rows["adt"])], atol=1e-6)
+  again = returned.obsm["X_clue"][returned.obs_names.get_indexer(mdata.obs_names)]
+  np.testing.assert_array_equal(again, joint)
+  with pytest.raises(api.RunError, match=r"encode\(\) without a modality encodes a MuData.*encode\(adata, 'rna'\)"):
+    run.encode(rna)
+
+
+def test_embeddings_feed_scanpy_neighbors(run, cells):
+  sc = pytest.importorskip("scanpy")  # The eval extra.
+  adata = run.encode(cells["rna"], "rna")
+  sc.pp.neighbors(adata, use_rep="X_clue")
+  ours = neighbor_graph(adata.obsm["X_clue"].astype(np.float64))
+  np.testing.assert_allclose(adata.obsp["connectivities"].toarray(), ours.toarray(), atol=1e-5)
 
 
 def test_missing_training_features_are_an_error_naming_them(run, cells):

@@ -12,6 +12,7 @@ import warnings
 
 import anndata as ad
 import h5py
+import mudata
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
@@ -81,11 +82,10 @@ def read_anndata(name: str, spec) -> ad.AnnData:
     raise DataError(f"{path}: not an HDF5 file, so neither AnnData (.h5ad) nor MuData (.h5mu) ({field}); convert "
                     f"it first, e.g. anndata.read_csv(...).write_h5ad('{path.stem}.h5ad')")
   try:
-    with h5py.File(path, "r") as f:
-      if "mod" in f:
-        return ad.io.read_elem(anndata_group(f["mod"], spec.mod_key or name, path, name))
-      anndata_group(f, None, path, name)
-    return ad.read_h5ad(path)
+    with h5py.File(path, "r") as f:  # Only to name what is missing before reading.
+      key = spec.mod_key or name if "mod" in f else None
+      anndata_group(f["mod"] if key else f, key, path, name)
+    return mudata.read_h5ad(path, key)
   except DataError:
     raise
   except Exception as e:  # h5py / anndata raise many types for damaged files.

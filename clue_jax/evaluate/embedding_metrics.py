@@ -75,12 +75,13 @@ def _entropy(p: np.ndarray) -> float:
   return -float((p * np.log(p)).sum())
 
 
-def nmi_louvain(graph: sp.spmatrix, labels, resolutions=RESOLUTIONS, seed: int = 0) -> float:
+def nmi_louvain(graph: sp.spmatrix, labels, resolutions=RESOLUTIONS, seed: int = 0,
+                use_package: bool | None = None) -> float:
   """The highest NMI vs `labels` over Louvain clusterings (seeded) of the unweighted graph at each resolution
-  (scib `opt_louvain` on scanpy's `tl.louvain`)."""
+  (scib `opt_louvain` on scanpy's `tl.louvain`; `use_package` as in `louvain.louvain`)."""
   adjacency = sp.csr_matrix(graph, copy=True)
   adjacency.data[:] = 1.0
-  return max(nmi(louvain(adjacency, resolution, seed), labels) for resolution in resolutions)
+  return max(nmi(louvain(adjacency, resolution, seed, use_package), labels) for resolution in resolutions)
 
 
 def silhouette_samples(x: np.ndarray, labels, chunk: int = 256) -> np.ndarray:

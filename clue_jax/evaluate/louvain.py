@@ -1,4 +1,8 @@
-"""Louvain community detection (Blondel et al. 2008) maximising modularity with a resolution parameter, in numpy/scipy.
+"""Louvain community detection (Blondel et al. 2008) maximising modularity with a resolution parameter.
+
+With the `eval` extra installed, the `louvain` package (Traag, on igraph) clusters, called exactly as scanpy's
+`tl.louvain` calls it: then the competition's NMI is reproduced to the last digit (CITE baseline 0.7168236). Without
+it, a numpy/scipy implementation of the same quality and move rules stands in.
 
 Quality (the RB-configuration model of the `louvain` package that scanpy's `tl.louvain` calls):
 Q = sum_ij (A_ij - resolution * k_i k_j / 2m) [c_i = c_j]. Phase 1 moves single nodes to the community that raises Q
@@ -8,17 +12,26 @@ reproduced, so clusterings agree in distribution, not node for node. scanpy's ca
 a 0/1 adjacency for that.
 """
 
+import importlib.util
+import warnings
+
 import numpy as np
 import scipy.sparse as sp
 
 _MIN_GAIN = 1e-10  # A move must raise the quality by more than this (the louvain package's eps).
+PACKAGE_INSTALLED = importlib.util.find_spec("louvain") is not None and importlib.util.find_spec("igraph") is not None
 
 
-def louvain(adjacency, resolution: float = 1.0, seed: int = 0) -> np.ndarray:
-  """Community index per node (0..C-1, numbered by first appearance) of a symmetric non-negative adjacency."""
+def louvain(adjacency, resolution: float = 1.0, seed: int = 0, use_package: bool | None = None) -> np.ndarray:
+  """Community index per node (0..C-1, numbered by first appearance) of a symmetric non-negative adjacency.
+
+  `use_package`: the `louvain` package (None: when installed) or, False, the numpy implementation.
+  """
   graph = sp.csr_matrix(adjacency, dtype=np.float64)
   if graph.shape[0] != graph.shape[1] or (graph - graph.T).count_nonzero() and abs(graph - graph.T).max() > 1e-10:
     raise ValueError("louvain needs a square symmetric adjacency matrix")
+  if PACKAGE_INSTALLED if use_package is None else use_package:
+    return _renumber(package_louvain(graph, resolution, seed))
   rng = np.random.default_rng(seed)
   membership = np.arange(graph.shape[0])
   total = graph.sum()
@@ -34,6 +47,23 @@ def louvain(adjacency, resolution: float = 1.0, seed: int = 0) -> np.ndarray:
                            shape=(graph.shape[0], n_communities))
     graph = sp.csr_matrix(assign.T @ graph @ assign)
   return _renumber(membership)
+
+
+def package_louvain(graph: sp.csr_matrix, resolution: float, seed: int) -> np.ndarray:
+  """The `louvain` package's RB-configuration partition of `graph`, built as scanpy builds it (a directed igraph
+  with one edge per stored entry, in CSR order, weighted by the entries)."""
+  import igraph
+  with warnings.catch_warnings():  # It asks its users to move to leidenalg; the competition ran louvain.
+    warnings.simplefilter("ignore", DeprecationWarning)
+    import louvain as louvain_package
+  sources, targets = graph.nonzero()
+  network = igraph.Graph(directed=True)
+  network.add_vertices(graph.shape[0])
+  network.add_edges(list(zip(sources.tolist(), targets.tolist())))
+  weights = np.asarray(graph[sources, targets]).ravel().tolist()
+  partition = louvain_package.find_partition(network, louvain_package.RBConfigurationVertexPartition, weights=weights,
+                                             resolution_parameter=resolution, seed=seed)
+  return np.asarray(partition.membership)
 
 
 def _move_nodes(graph: sp.csr_matrix, resolution: float, total: float, rng) -> np.ndarray:

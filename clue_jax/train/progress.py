@@ -1,43 +1,36 @@
-"""A one-line progress bar on stderr: epoch, losses, time per epoch and time left."""
+"""The training progress bar, through tqdm (a widget in notebooks, a line in terminals): epochs, losses, time left."""
 
 import sys
-import time
+
+from tqdm.auto import tqdm
 
 
-def _clock(seconds: float) -> str:
-  seconds = int(max(seconds, 0))
-  return f"{seconds // 3600:d}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+def losses(record: dict) -> str:
+  """The figures of an epoch's metrics record that the bar shows."""
+  text = f"gen {record.get('train/loss_gen', float('nan')):.4f} dsc {record.get('train/loss_dsc', 0):.4f}"
+  if "val/loss_gen" in record:
+    text += f" val {record['val/loss_gen']:.4f}"
+  if "val/heldout_foscttm" in record:
+    text += f" foscttm {record['val/heldout_foscttm']:.4f}"
+  return text
 
 
 class ProgressBar:
-  def __init__(self, total_epochs: int, enabled: bool = True, width: int = 20, stream=sys.stderr):
-    self.total, self.enabled, self.width, self.stream = total_epochs, enabled, width, stream
-    self.started = time.time()
-    self.first_epoch = None
-    self.tty = stream.isatty()
+  """One bar over the run's epochs; a resumed run's bar starts at its first new epoch (its rate counts only those)."""
+
+  def __init__(self, total_epochs: int, enabled: bool = True, stream=None):
+    self.total, self.enabled, self.stream = total_epochs, enabled, stream
+    self.bar = None
 
   def update(self, epoch: int, record: dict):
     if not self.enabled:
       return
-    if self.first_epoch is None:
-      self.first_epoch = epoch
-    done = epoch - self.first_epoch + 1
-    per_epoch = (time.time() - self.started) / done
-    filled = int(self.width * epoch / max(self.total, 1))
-    losses = f"gen {record.get('train/loss_gen', float('nan')):.4f} dsc {record.get('train/loss_dsc', 0):.4f}"
-    if "val/loss_gen" in record:
-      losses += f" val {record['val/loss_gen']:.4f}"
-    if "val/heldout_foscttm" in record:
-      losses += f" foscttm {record['val/heldout_foscttm']:.4f}"
-    line = (f"epoch {epoch}/{self.total} [{'#' * filled}{'.' * (self.width - filled)}] {losses} | "
-            f"{per_epoch:.2f}s/epoch, left <= {_clock(per_epoch * (self.total - epoch))}")
-    if self.tty:
-      self.stream.write("\r" + line + "\033[K")
-    else:
-      self.stream.write(line + "\n")
-    self.stream.flush()
+    if self.bar is None:
+      self.bar = tqdm(total=self.total, initial=epoch - 1, unit="epoch", desc="CLUE", dynamic_ncols=True,
+                      file=self.stream or sys.stderr)
+    self.bar.set_postfix_str(losses(record), refresh=False)
+    self.bar.update(epoch - self.bar.n)
 
   def close(self):
-    if self.enabled and self.tty:
-      self.stream.write("\n")
-      self.stream.flush()
+    if self.bar is not None:
+      self.bar.close()

@@ -5,6 +5,7 @@ import warnings
 
 import anndata as ad
 import h5py
+import mudata
 import numpy as np
 import pandas as pd
 import pytest
@@ -80,9 +81,7 @@ def test_preprocessing_reused_from_saved_state(tmp_path):
 
 def test_reads_a_modality_from_h5mu(tmp_path):
   path = tmp_path / "multi.h5mu"
-  with h5py.File(path, "w") as f:
-    ad.io.write_elem(f, "mod/gex", make_adata())
-    ad.io.write_elem(f, "mod/prot", make_adata(n_features=8))
+  mudata.MuData({"gex": make_adata(), "prot": make_adata(n_features=8)}).write(path)
   config = config_lib.get_config()
   config.data.modalities.rna = config_lib.modality(str(path), mod_key="gex", rep_dim=4, n_features=20)
   config.data.modalities.adt = config_lib.modality(str(path), mod_key="prot", rep_dim=4)

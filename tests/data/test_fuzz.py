@@ -10,8 +10,8 @@ import tempfile
 import warnings
 
 import anndata as ad
-import h5py
 import jax
+import mudata
 import numpy as np
 import pandas as pd
 import pytest
@@ -89,10 +89,8 @@ def write_inputs(spec: dict, directory: str):
   config.data.pair_by = spec["pair_by"]
   if spec["container"] == "h5mu":
     path = f"{directory}/both.h5mu"
-    with h5py.File(path, "w") as f:
-      for name, adata in adatas.items():
-        if not (spec["fault"] == "missing_modality" and name == "adt"):
-          ad.io.write_elem(f, f"mod/{name}", adata)
+    written = {n: a for n, a in adatas.items() if not (spec["fault"] == "missing_modality" and n == "adt")}
+    mudata.MuData(written).write(path)
     for name in N_FEATURES:
       config.data.modalities[name].path = path
   else:
