@@ -1,0 +1,33 @@
+"""docs/quickstart.ipynb runs top to bottom (on fewer cells and epochs), so the notebook in the docs never rots."""
+
+import json
+import pathlib
+
+import matplotlib
+import numpy as np
+
+NOTEBOOK = pathlib.Path(__file__).resolve().parent.parent / "docs" / "quickstart.ipynb"
+
+
+def code_cells() -> list:
+  notebook = json.loads(NOTEBOOK.read_text())
+  return [("".join(c["source"]), c["metadata"].get("tags", [])) for c in notebook["cells"] if c["cell_type"] == "code"]
+
+
+def test_quickstart_notebook_runs(tmp_path):
+  matplotlib.use("Agg")
+  cells = code_cells()
+  assert cells[0][1] == ["parameters"]
+  namespace = {}
+  exec(cells[0][0], namespace)
+  assert namespace["n_cells"] is None and namespace["max_epochs"] >= 10  # The notebook itself trains on everything.
+  namespace.update(n_cells=1500, max_epochs=2, workdir=str(tmp_path / "quickstart"))
+  for i, (source, _) in enumerate(cells[1:], 1):
+    exec(compile(source, f"{NOTEBOOK.name} code cell {i}", "exec"), namespace)
+  mdata = namespace["mdata"]
+  assert mdata.n_obs == 1500 and np.isfinite(mdata.obsm["X_clue"]).all()
+  assert mdata.mod["adt"].obsm["X_clue"].shape[0] == mdata.mod["adt"].n_obs
+  assert namespace["predicted"].shape == (1500, 14)
+  assert 0 <= namespace["foscttm"] < 0.5 and namespace["top1"] > 1 / mdata.mod["adt"].n_obs
+  assert len(namespace["fig"].axes) == 3
+  matplotlib.pyplot.close("all")
