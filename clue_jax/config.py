@@ -95,6 +95,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.train = ml_collections.ConfigDict()
   config.train.lr = 2e-3
   config.train.batch_size = 128  # Global batch; must be divisible by the device count.
+  # Learning rate at other batch sizes: "none" (train.lr as given, the reference), "linear" or "sqrt" (train.lr is
+  # the rate at batch 128, scaled by the batch ratio or its square root; the AUTO epoch counts use the scaled rate).
+  config.train.lr_scaling = "none"
   config.train.max_epochs = AUTO
   config.train.align_burnin = AUTO
   config.train.patience = AUTO  # Early stopping (after burn-in); 0 disables it.
@@ -186,6 +189,8 @@ def validate(config: ml_collections.ConfigDict):
     _check(value >= 0, f"loss.{key}", value, "a number >= 0")
   train = config.train
   _check(train.lr > 0, "train.lr", train.lr, "a positive number")
+  _check(train.lr_scaling in ("none", "linear", "sqrt"), "train.lr_scaling", train.lr_scaling,
+         "'none', 'linear' or 'sqrt'")
   _check(train.batch_size > 0, "train.batch_size", train.batch_size, "a positive integer")
   for key in ("max_epochs", "align_burnin", "patience", "reduce_lr_patience"):
     _check(train[key] == AUTO or train[key] >= 0 and (key != "max_epochs" or train[key] > 0), f"train.{key}",

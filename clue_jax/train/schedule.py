@@ -8,6 +8,8 @@ import dataclasses
 import math
 
 AUTO = -1
+LR_SCALING = ("none", "linear", "sqrt")
+BASE_BATCH = 128  # The global batch at which train.lr is given, for train.lr_scaling.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -16,6 +18,15 @@ class Plan:
   align_burnin: int
   patience: int
   reduce_lr_patience: int
+
+
+def scaled_lr(lr: float, batch_size: int, rule: str = "none") -> float:
+  """`lr` for a global batch of `batch_size`: as given ("none", the reference), or scaled from BASE_BATCH by the
+  batch ratio ("linear") or its square root ("sqrt"). Both optimisers step with this rate."""
+  if rule not in LR_SCALING:
+    raise ValueError(f"lr scaling {rule!r}: use one of {LR_SCALING}")
+  ratio = batch_size / BASE_BATCH
+  return lr * {"none": 1.0, "linear": ratio, "sqrt": math.sqrt(ratio)}[rule]
 
 
 def auto_plan(n_train_ids: int, batch_size: int, lr: float, max_epochs=AUTO, align_burnin=AUTO, patience=AUTO,

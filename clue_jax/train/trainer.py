@@ -359,7 +359,8 @@ def train_and_evaluate(config, workdir, init_from=None, inputs=None) -> dict:
   model = model_from(config, dataset)
   weights = loss_weights(config, dataset.names)
   batch_size = config.train.batch_size
-  plan = schedule_lib.auto_plan(len(dataset.train_ids), batch_size, config.train.lr, config.train.max_epochs,
+  lr = schedule_lib.scaled_lr(config.train.lr, batch_size, config.train.lr_scaling)
+  plan = schedule_lib.auto_plan(len(dataset.train_ids), batch_size, lr, config.train.max_epochs,
                                 config.train.align_burnin, config.train.patience,
                                 config.train.reduce_lr_patience, config.train.auto_epoch_cap)
 
@@ -390,7 +391,7 @@ def train_and_evaluate(config, workdir, init_from=None, inputs=None) -> dict:
       state = state.replace(**adopted_model(source, state, abstract_state, init_from, dataset, config))
       if main:
         print(f"Starting from the parameters of {init_from} (epoch {source[1]}).", flush=True)
-    schedule = schedule_lib.Schedule(plan=plan, lr=config.train.lr)
+    schedule = schedule_lib.Schedule(plan=plan, lr=lr)
     if main:
       writer.truncate_after(workdir / "metrics.jsonl", 0)
 

@@ -2,8 +2,12 @@
 
 import math
 
+import pytest
+
+from clue_jax import config as config_lib
 from clue_jax.train import schedule as schedule_lib
 from clue_jax.train.schedule import Plan, Schedule, auto_plan
+from run_helpers import load_config
 
 
 def test_auto_formulas_match_the_reference_examples():
@@ -22,6 +26,23 @@ def test_cap_scales_auto_values_together():
   # An explicit max_epochs is a budget too (PBMC: 100 epochs -> burn-in 17); explicit values are kept.
   assert auto_plan(round(10849 * 0.9), 128, 2e-3, max_epochs=100) == Plan(100, 17, 13, 5)
   assert auto_plan(540, 128, 2e-3, max_epochs=10, align_burnin=2, cap=200) == Plan(10, 2, 2, 1)
+
+
+def test_lr_scaling_rules_and_their_auto_epochs():
+  assert schedule_lib.scaled_lr(2e-3, 1024) == 2e-3  # "none": the reference's rate at every batch size.
+  assert schedule_lib.scaled_lr(2e-3, 1024, "linear") == pytest.approx(1.6e-2)
+  assert schedule_lib.scaled_lr(2e-3, 512, "sqrt") == pytest.approx(4e-3)
+  assert schedule_lib.scaled_lr(2e-3, 128, "linear") == schedule_lib.scaled_lr(2e-3, 128, "sqrt") == 2e-3
+  n = round(66175 * 0.9)
+  # Unscaled, AUTO gives more epochs at a larger batch (fewer steps per epoch); linearly scaled, the same epochs.
+  assert auto_plan(n, 1024, 2e-3).max_epochs > auto_plan(n, 128, 2e-3).max_epochs
+  assert auto_plan(n, 1024, schedule_lib.scaled_lr(2e-3, 1024, "linear")) == auto_plan(n, 128, 2e-3)
+  with pytest.raises(ValueError, match="'cubic'"):
+    schedule_lib.scaled_lr(2e-3, 256, "cubic")
+  config = load_config()
+  config.train.lr_scaling = "cubic"
+  with pytest.raises(config_lib.ConfigError, match=r"train.lr_scaling='cubic' is not allowed"):
+    config_lib.validate(config)
 
 
 def test_noise_annealing():
