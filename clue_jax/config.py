@@ -91,6 +91,10 @@ def get_config() -> ml_collections.ConfigDict:
   config.loss.lam_cos = 0.02
   config.loss.lam_align = 0.02
   config.loss.lam_sup = 0.02
+  # Beyond the reference (0 = off): symmetric InfoNCE between the L2-normalised posterior means of each pair of
+  # modalities over the cells of the batch observed in both (MatchCLOT-style), at softmax temperature `temperature`.
+  config.loss.lam_contrastive = 0.0
+  config.loss.temperature = 0.1
 
   config.train = ml_collections.ConfigDict()
   config.train.lr = 2e-3
@@ -189,6 +193,8 @@ def validate(config: ml_collections.ConfigDict):
     _check(value >= 0, f"loss.{key}", value, "a number >= 0")
   train = config.train
   _check(train.lr > 0, "train.lr", train.lr, "a positive number")
+  _check(config.loss.lam_contrastive >= 0, "loss.lam_contrastive", config.loss.lam_contrastive, "a number >= 0")
+  _check(config.loss.temperature > 0, "loss.temperature", config.loss.temperature, "a positive number")
   _check(train.lr_scaling in ("none", "linear", "sqrt"), "train.lr_scaling", train.lr_scaling,
          "'none', 'linear' or 'sqrt'")
   _check(train.batch_size > 0, "train.batch_size", train.batch_size, "a positive integer")

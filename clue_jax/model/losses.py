@@ -29,6 +29,8 @@ class Weights(NamedTuple):
   align: float = 0.02
   sup: float = 0.02
   modality: tuple[float, ...] = ()
+  contrastive: float = 0.0  # Beyond the reference: 0 leaves the term out of the graph.
+  temperature: float = 0.1  # Of the contrastive term's softmax.
 
 
 def log_prob(likelihood: str, x, params):
@@ -106,6 +108,17 @@ def cosine_similarity(a, b, eps=1e-8):
   return (a * b).sum(-1) / norms
 
 
+def contrastive_loss(a, b, rows, temperature):
+  """Symmetric InfoNCE (CLIP) between the L2-normalised rows of `a` and `b` over the batch's `rows` (cells observed
+  in both): each row's own partner is the positive, the other such rows the negatives; 0 without rows."""
+  logits = l2_normalize(a) @ l2_normalize(b).T / temperature
+  logits = jnp.where((rows[None, :] > 0) & (rows[:, None] > 0), logits, -1e9)  # Only observed pairs compete.
+  diagonal = jnp.arange(a.shape[0])
+  a_to_b = -jax.nn.log_softmax(logits, axis=1)[diagonal, diagonal]
+  b_to_a = -jax.nn.log_softmax(logits, axis=0)[diagonal, diagonal]
+  return jnp.where(rows.sum() > 0, masked_mean((a_to_b + b_to_a) / 2, rows), 0.0)
+
+
 def discriminator_inputs(locs, key, noise_scale):
   """The posterior means plus the burn-in annealing noise a(e) * N(0, I) (method.md §2, term 6)."""
   keys = jax.random.split(key, len(locs))
@@ -133,7 +146,8 @@ def discriminator_objective(clue: CLUE, batch, key, noise_scale, weights: Weight
 
 def generator_objective(clue: CLUE, batch, key, noise_scale, weights: Weights, normalize_u: bool = True,
                         train: bool = True):
-  """L_gen and its terms (method.md §2): self + KL, joint-cross, real-cross, cosine, adversarial, supervised."""
+  """L_gen and its terms (method.md §2): self + KL, joint-cross, real-cross, cosine, adversarial, supervised; and,
+  when `weights.contrastive` > 0, the contrastive term."""
   names, specs = clue.names, {s.name: s for s in clue.specs}
   valid = batch["valid"]
   sample_key, noise_key = jax.random.split(key)
@@ -189,6 +203,10 @@ def generator_objective(clue: CLUE, batch, key, noise_scale, weights: Weights, n
     cos = 1.0 - masked_mean(cosine_similarity(u[name], joint), rows)
     cos_total = cos_total + jnp.where(rows.sum() > 0, cos, 0.0)
   terms["cos"] = cos_total
+  # Beyond the reference: contrastive alignment of the posterior means of every pair of modalities.
+  if weights.contrastive:
+    terms["contrastive"] = sum(contrastive_loss(locs[a], locs[b], masks[a] * masks[b], weights.temperature)
+                               for i, a in enumerate(names) for b in names[i + 1:])
   # 6. Adversarial: the discriminator's cross-entropy on the (noisy) posterior means.
   vs = discriminator_inputs([locs[n] for n in names], noise_key, noise_scale)
   terms["dsc"] = discriminator_cross_entropy(clue, batch, vs, train)
@@ -211,5 +229,7 @@ def generator_objective(clue: CLUE, batch, key, noise_scale, weights: Weights, n
            + weights.cos * terms["cos"] - weights.align * terms["dsc"])
   if clue.n_labels:
     total = total + weights.sup * terms["sup"]
+  if weights.contrastive:
+    total = total + weights.contrastive * terms["contrastive"]
   terms["gen"] = total
   return total, terms

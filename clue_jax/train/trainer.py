@@ -61,7 +61,8 @@ def loss_weights(config, names) -> losses.Weights:
   raw = np.array([config.data.modalities[n].weight for n in names], np.float64)
   return losses.Weights(data=lc.lam_data, kl=lc.lam_kl, joint_cross=lc.lam_joint_cross,
                         real_cross=lc.lam_real_cross, cos=lc.lam_cos, align=lc.lam_align, sup=lc.lam_sup,
-                        modality=tuple(float(w) for w in raw / raw.mean()))
+                        modality=tuple(float(w) for w in raw / raw.mean()), contrastive=lc.lam_contrastive,
+                        temperature=lc.temperature)
 
 
 # ------------------------------------------------------------------------------- preprocessing <-> checkpoint

@@ -78,7 +78,7 @@ def objectives(clue, batch, noise_scale, weights):
   return terms
 
 
-OBJECTIVES = jax.jit(nn.apply(objectives, MODEL), compiler_options=FAST_COMPILE)
+OBJECTIVES = jax.jit(nn.apply(objectives, MODEL), static_argnums=3, compiler_options=FAST_COMPILE)  # Weights: static.
 
 
 def evaluate(variables, batch, noise_scale=0.7, weights=WEIGHTS):
@@ -338,6 +338,41 @@ def test_stacked_batch_norm_calls_equal_separate_calls_in_order(norm_inputs, x64
 
 
 # ---------------------------------------------------------------- hand-computed values
+
+
+def reference_contrastive(v, batch, temperature):
+  loc = dict(zip(NAMES, posterior_means(v, batch)))
+  rows = np.flatnonzero(batch["rna"]["mask"] * batch["adt"]["mask"])
+  logits = unit(loc["rna"][rows]) @ unit(loc["adt"][rows]).T / temperature
+  return np.mean((-np.diag(log_softmax(logits, axis=1)) - np.diag(log_softmax(logits, axis=0))) / 2)
+
+
+CONTRASTIVE = WEIGHTS._replace(contrastive=0.5, temperature=0.2)
+
+
+def test_contrastive_term_is_symmetric_infonce_on_paired_rows_and_adds_only_itself(variables, x64):
+  batch = make_batch()
+  got, base = evaluate(variables, batch, weights=CONTRASTIVE), evaluate(variables, batch)
+  assert "contrastive" not in base  # Off by default: not even computed.
+  np.testing.assert_allclose(got["contrastive"], reference_contrastive(variables, batch, 0.2), rtol=1e-9)
+  assert got["contrastive"] > 1e-3
+  for name in TERMS:
+    if name != "gen":
+      assert got[name] == base[name], name
+  np.testing.assert_allclose(got["gen"], base["gen"] + 0.5 * got["contrastive"], rtol=1e-12)
+  unpaired = evaluate(variables, make_batch({"rna": [1] * B, "adt": [0] * B}), weights=CONTRASTIVE)
+  assert unpaired["contrastive"] == 0.0
+
+
+def test_contrastive_term_over_a_sharded_batch_equals_the_whole_batch(variables, x64):
+  batch = jax.tree.map(lambda a: np.concatenate([a, a]), make_batch())  # 12 rows, 4 paired, over 4 devices.
+  mesh = jax.sharding.Mesh(np.array(jax.devices()[:4]), ("batch",))
+  sharded = jax.device_put(to_jax(batch), jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("batch")))
+  whole = evaluate(variables, batch, weights=CONTRASTIVE)
+  split = {k: float(v) for k, v in OBJECTIVES(to_jax(variables), sharded, 0.7, CONTRASTIVE).items()}
+  np.testing.assert_allclose(whole["contrastive"], reference_contrastive(variables, batch, 0.2), rtol=1e-9)
+  for name in ("contrastive", "gen"):
+    np.testing.assert_allclose(split[name], whole[name], rtol=1e-10, err_msg=name)
 
 
 def test_gaussian_kl_by_hand():
