@@ -1,7 +1,7 @@
 """Training throughput of clue_jax, the machine's dense-matmul FLOP/s, and (optionally) the PyTorch reference.
 
   python experiments/bench_throughput.py [--cells 3000] [--batch-size 128] [--devices 0] [--preset defaults]
-      [--matmul-dtype float32] [--ref-python /tmp/ref/bin/python]
+      [--matmul-dtype float32] [--ref-python /tmp/ref/bin/python] [--compare loss.lam_contrastive=0.1]
 
 Default shape: the reference's benchmark preset (benchmark.md §B): 3,000 fully paired synthetic cells, NB counts of
 2,000 + 100 features, 2 batches, 100-d encoder inputs, batch 128, library-default model. Reports
@@ -14,12 +14,16 @@ Default shape: the reference's benchmark preset (benchmark.md §B): 3,000 fully 
   * with --ref-python (a venv with scglue, see reference_scglue.py), the reference's cells/s measured in the same
     run on the same shape, and the ratio.
 
+With --compare KEY=VALUE (repeatable), a second model with those config overrides is timed in the same rounds
+(train step and epoch loop), and its cells/s ratio to the first is reported: the cost of a switch, A/B in one run.
+
 With --rounds R every figure is measured R times in turn (matmul FLOP/s, steps, loop, reference, then again), so that
 each round's ratios compare measurements taken minutes apart on a machine whose speed drifts; it reports the medians
 and, beside them, each round's figures.
 """
 
 import argparse
+import ast
 import json
 import pathlib
 import subprocess
@@ -152,6 +156,15 @@ def reference_cells_per_s(python: str, n_cells: int, preset: str) -> float:
     return json.loads(out.read_text())["cells_per_second"]
 
 
+def parse_override(item: str) -> tuple:
+  """"loss.lam_align=0.0" -> ("loss.lam_align", 0.0): a Python literal, else the text itself."""
+  key, _, text = item.partition("=")
+  try:
+    return key, ast.literal_eval(text)
+  except (ValueError, SyntaxError):
+    return key, text
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--cells", type=int, default=3000)
@@ -165,9 +178,15 @@ def main():
   parser.add_argument("--matmul-dtype", choices=["float32", "bfloat16"], default="float32",
                       help="model.matmul_dtype of clue_jax (the reference always runs float32)")
   parser.add_argument("--ref-python", help="python of a venv with scglue: also measure the reference")
+  parser.add_argument("--compare", action="append", default=[], metavar="KEY=VALUE",
+                      help="config override of a second model timed beside the first (repeatable)")
   args = parser.parse_args()
   with tempfile.TemporaryDirectory() as tmp:
-    timers = Timers(bench_config(synthetic_files(pathlib.Path(tmp), args.cells), args), args.epochs)
+    config = bench_config(synthetic_files(pathlib.Path(tmp), args.cells), args)
+    timers = Timers(config, args.epochs)
+    if args.compare:
+      other = config_lib.apply_overrides(config, dict(map(parse_override, args.compare)))
+      compared = Timers(other, args.epochs)
   rounds = []
   for _ in range(args.rounds):
     measured = {"matmul_gflops": matmul_flops() / 1e9, "step_cells_per_s": timers.steps(),
@@ -178,11 +197,15 @@ def main():
       measured["bf16_matmul_gflops"] = matmul_flops(dtype=jnp.bfloat16) / 1e9
       measured["fraction_of_bf16_matmul_peak"] = (measured["step_cells_per_s"] * timers.flops_per_cell
                                                   / (measured["bf16_matmul_gflops"] * 1e9))
+    if args.compare:
+      measured["compared_step_cells_per_s"], measured["compared_loop_cells_per_s"] = compared.steps(), compared.loop()
+      measured["compared_step_ratio"] = measured["compared_step_cells_per_s"] / measured["step_cells_per_s"]
+      measured["compared_loop_ratio"] = measured["compared_loop_cells_per_s"] / measured["loop_cells_per_s"]
     if args.ref_python:
       measured["reference_cells_per_s"] = reference_cells_per_s(args.ref_python, args.cells, args.preset)
       measured["ratio_vs_reference"] = measured["loop_cells_per_s"] / measured["reference_cells_per_s"]
     rounds.append(measured)
-  result = {"devices": int(timers.mesh.devices.size), "device": jax.devices()[0].device_kind,
+  result = {"compare": args.compare, "devices": int(timers.mesh.devices.size), "device": jax.devices()[0].device_kind,
             "n_params": steps.count_params(timers.state.params), "flops_per_cell": timers.flops_per_cell}
   for key in rounds[0]:  # The median over the rounds, and each round's figure.
     result[key] = float(np.median([r[key] for r in rounds]))
