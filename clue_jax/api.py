@@ -259,7 +259,7 @@ class Run:
   def joint(mdata, cells: dict, key: str) -> np.ndarray:
     """(mdata's cells, dims): the mean of `cells[m].obsm[key]` over the modalities each cell is in (NaN for cells
     in none of them)."""
-    total = count = 0
+    total, count = 0.0, np.zeros(mdata.n_obs)
     for name, adata in cells.items():
       rows = mdata.obs_names.get_indexer(adata.obs_names)
       if (rows < 0).any():
@@ -267,7 +267,7 @@ class Run:
                        f"mdata.update() after changing its modalities")
       values = np.zeros((mdata.n_obs, adata.obsm[key].shape[1]), np.float64)
       values[rows] = adata.obsm[key]
-      total, count = total + values, count + np.isin(np.arange(mdata.n_obs), rows)
+      total, count[rows] = total + values, count[rows] + 1
     with np.errstate(invalid="ignore"):
       return (total / count[:, None]).astype(np.float32)
 

@@ -15,6 +15,7 @@ import ml_collections
 
 # The embedded default data (shipped inside the package).
 DATASETS = pathlib.Path(__file__).resolve().parent / "datasets"
+LR_SCALING = ("none", "linear", "sqrt")  # train.lr_scaling rules (train/schedule.py: scaled_lr).
 
 AUTO = -1  # For epoch counts and patiences: use the reference's AUTO formula (method.md §3.2).
 
@@ -195,8 +196,7 @@ def validate(config: ml_collections.ConfigDict):
   _check(train.lr > 0, "train.lr", train.lr, "a positive number")
   _check(config.loss.lam_contrastive >= 0, "loss.lam_contrastive", config.loss.lam_contrastive, "a number >= 0")
   _check(config.loss.temperature > 0, "loss.temperature", config.loss.temperature, "a positive number")
-  _check(train.lr_scaling in ("none", "linear", "sqrt"), "train.lr_scaling", train.lr_scaling,
-         "'none', 'linear' or 'sqrt'")
+  _check(train.lr_scaling in LR_SCALING, "train.lr_scaling", train.lr_scaling, f"one of {LR_SCALING}")
   _check(train.batch_size > 0, "train.batch_size", train.batch_size, "a positive integer")
   for key in ("max_epochs", "align_burnin", "patience", "reduce_lr_patience"):
     _check(train[key] == AUTO or train[key] >= 0 and (key != "max_epochs" or train[key] > 0), f"train.{key}",

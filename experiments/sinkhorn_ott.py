@@ -45,7 +45,7 @@ def handwritten_log_plan(cost, epsilon):
 
 
 def solvers():
-  return {"handwritten": lambda cost, epsilon: handwritten_log_plan(cost, epsilon),
+  return {"handwritten": handwritten_log_plan,
           "ott-jax": lambda cost, epsilon: matching.sinkhorn_log_plan(cost, epsilon, N_ITER)}
 
 

@@ -7,8 +7,9 @@ decisions.
 import dataclasses
 import math
 
+from clue_jax.config import LR_SCALING
+
 AUTO = -1
-LR_SCALING = ("none", "linear", "sqrt")
 BASE_BATCH = 128  # The global batch at which train.lr is given, for train.lr_scaling.
 
 
