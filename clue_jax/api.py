@@ -153,7 +153,8 @@ def load(workdir) -> "Run":
     model = saved_model(config, saved, dims)
     mesh = parallel.make_mesh()
     example = example_batch(model)
-    shapes = jax.eval_shape(lambda: steps.init_state(model, jax.random.key(0), example))
+    optimizer = config.train.get("optimizer", "rmsprop")  # Runs from before train.optimizer used RMSprop.
+    shapes = jax.eval_shape(lambda: steps.init_state(model, jax.random.key(0), example, optimizer))
     state = ckpts.restore_state(epoch, checkpoint.abstract(shapes, parallel.replicated(mesh)), from_best)
   finally:
     ckpts.close()

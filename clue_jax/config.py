@@ -16,6 +16,7 @@ import ml_collections
 # The embedded default data (shipped inside the package).
 DATASETS = pathlib.Path(__file__).resolve().parent / "datasets"
 LR_SCALING = ("none", "linear", "sqrt")  # train.lr_scaling rules (train/schedule.py: scaled_lr).
+OPTIMIZERS = ("rmsprop", "adam", "lamb")  # train.optimizer update rules (train/steps.py: UPDATE_RULES).
 
 AUTO = -1  # For epoch counts and patiences: use the reference's AUTO formula (method.md §3.2).
 
@@ -103,12 +104,18 @@ def get_config() -> ml_collections.ConfigDict:
   # Learning rate at other batch sizes: "none" (train.lr as given, the reference), "linear" or "sqrt" (train.lr is
   # the rate at batch 128, scaled by the batch ratio or its square root; the AUTO epoch counts use the scaled rate).
   config.train.lr_scaling = "none"
+  # Update rule of both optimisers: "rmsprop" (the reference's, PyTorch semantics), "adam" or "lamb" (Adam with a
+  # layer-wise trust ratio, for large batches); train.lr is their learning rate.
+  config.train.optimizer = "rmsprop"
+  config.train.warmup_epochs = 0  # Linear learning-rate warm-up: epoch e <= W uses lr * e / (W + 1); 0 = none.
   config.train.max_epochs = AUTO
   config.train.align_burnin = AUTO
   config.train.patience = AUTO  # Early stopping (after burn-in); 0 disables it.
   config.train.reduce_lr_patience = AUTO  # ReduceLROnPlateau (factor 0.1) on both optimisers; 0 disables it.
   config.train.auto_epoch_cap = 1000  # AUTO values are scaled down together so max_epochs <= this cap.
-  config.train.monitor = "val_loss"  # Early stopping / best checkpoints on "val_loss" or "heldout_foscttm".
+  # Early stopping / best checkpoints on "val_loss" (the reference), "heldout_foscttm" (the hidden pairs) or
+  # "unseen_foscttm" (the validation cells measured in two modalities, never trained on).
+  config.train.monitor = "val_loss"
   config.train.keep_best = 3  # Best checkpoints kept; the latest of them is restored at the end.
   config.train.checkpoint_interval_s = 30.0  # Latest checkpoint at most this often (and at the end); 0 = every epoch.
   config.train.steps_per_dispatch = 8  # Train steps run in one jitted lax.scan.
@@ -197,13 +204,17 @@ def validate(config: ml_collections.ConfigDict):
   _check(config.loss.lam_contrastive >= 0, "loss.lam_contrastive", config.loss.lam_contrastive, "a number >= 0")
   _check(config.loss.temperature > 0, "loss.temperature", config.loss.temperature, "a positive number")
   _check(train.lr_scaling in LR_SCALING, "train.lr_scaling", train.lr_scaling, f"one of {LR_SCALING}")
+  _check(train.optimizer in OPTIMIZERS, "train.optimizer", train.optimizer, f"one of {OPTIMIZERS}")
+  _check(train.warmup_epochs >= 0, "train.warmup_epochs", train.warmup_epochs, "an integer >= 0")
   _check(train.batch_size > 0, "train.batch_size", train.batch_size, "a positive integer")
   for key in ("max_epochs", "align_burnin", "patience", "reduce_lr_patience"):
     _check(train[key] == AUTO or train[key] >= 0 and (key != "max_epochs" or train[key] > 0), f"train.{key}",
            train[key], f"{AUTO} (AUTO) or a non-negative integer (max_epochs: positive)")
   _check(train.auto_epoch_cap >= 0, "train.auto_epoch_cap", train.auto_epoch_cap, "0 (no cap) or a positive integer")
-  _check(train.monitor in ("val_loss", "heldout_foscttm"), "train.monitor", train.monitor,
-         "val_loss or heldout_foscttm")
+  _check(train.monitor in ("val_loss", "heldout_foscttm", "unseen_foscttm"), "train.monitor", train.monitor,
+         "val_loss, heldout_foscttm or unseen_foscttm")
+  _check(train.monitor != "unseen_foscttm" or config.data.val_split > 0, "train.monitor", train.monitor,
+         "unseen_foscttm needs data.val_split > 0")
   _check(train.monitor != "heldout_foscttm" or config.data.heldout_pairs > 0, "train.monitor", train.monitor,
          "heldout_foscttm needs data.heldout_pairs > 0")
   _check(train.keep_best > 0, "train.keep_best", train.keep_best, "a positive integer")

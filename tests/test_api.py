@@ -1,5 +1,6 @@
 """The notebook API on the session's smoke run (4 fake devices), and the prediction math."""
 
+import json
 import pathlib
 import re
 import types
@@ -47,6 +48,22 @@ def test_encode_reproduces_the_runs_embeddings(run, workdir, cells, modality):
   assert list(encoded.obs_names) == list(cells[modality].obs_names)
   np.testing.assert_allclose(encoded.obsm["X_clue"], saved[encoded.obs_names].obsm["X_clue"], atol=1e-6)
   assert "X_clue" not in cells[modality].obsm  # No in-place surprise.
+
+
+def test_unseen_cells_encoded_through_the_api_score_as_the_run_reports(run, workdir, smoke_run, cells):
+  """The inductive protocol: the validation cells measured in both modalities were never trained on (nor fitted
+  on by the preprocessing); encoded afterwards with `encode`, their FOSCTTM is the run's `unseen_foscttm`."""
+  dataset = data_lib.load_dataset(smoke_run[1])
+  rows = {m: dataset.pairing.rows[m][dataset.val_ids] for m in ("rna", "adt")}
+  both = (rows["rna"] >= 0) & (rows["adt"] >= 0)
+  assert both.sum() > 20
+  unseen = {m: cells[m][dataset.modalities[m].obs.index[rows[m][both]]] for m in rows}
+  trained = dataset.pairing.rows["rna"][dataset.train_ids]
+  assert not set(unseen["rna"].obs_names) & set(dataset.modalities["rna"].obs.index[trained[trained >= 0]])
+  score = metrics.foscttm(run.encode(unseen["rna"], "rna").obsm["X_clue"],
+                          run.encode(unseen["adt"], "adt").obsm["X_clue"])
+  summary = json.loads((workdir / "summary.json").read_text())
+  assert score == pytest.approx(summary["unseen_foscttm"], abs=1e-6)
 
 
 def test_encode_aligns_features_by_name_and_writes_in_place_when_asked(run, cells):

@@ -431,6 +431,11 @@ def check_pairs(pairing: sampler.Pairing, raws: dict, pair_by: str):
                     f"--config.data.pair_by=none to train on unpaired cells")
 
 
+def multi_modal(pairing: sampler.Pairing, ids: np.ndarray) -> np.ndarray:
+  """Whether each of the cell IDs `ids` is measured in two or more modalities."""
+  return np.sum([rows[ids] >= 0 for rows in pairing.rows.values()], axis=0) >= 2
+
+
 def load_dataset(config, saved: dict | None = None, new_batches: bool = False, inputs: dict | None = None) -> Dataset:
   """Reads, checks, pairs, splits and preprocesses every modality of `config.data`.
 
@@ -460,6 +465,11 @@ def load_dataset(config, saved: dict | None = None, new_batches: bool = False, i
                     f"{config.data.heldout_pairs} hides none of the {len(sampler.paired_ids(pairing))} paired "
                     f"cells; raise data.heldout_pairs or set --config.train.monitor=val_loss")
   train_ids, val_ids = sampler.split_ids(len(pairing.ids), config.data.val_split, rng)
+  if config.train.monitor == "unseen_foscttm" and not multi_modal(pairing, val_ids).sum() > 1:
+    raise DataError(f"train.monitor='unseen_foscttm' needs validation cells measured in two modalities, but the "
+                    f"validation split (data.val_split={config.data.val_split}) holds "
+                    f"{multi_modal(pairing, val_ids).sum()}; raise data.val_split or set "
+                    f"--config.train.monitor=val_loss")
   label_categories = tuple(saved["label_categories"]) if saved else label_categories_of(raws)
   modalities = {}
   for name in names:

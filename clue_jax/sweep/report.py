@@ -1,8 +1,8 @@
 """A sweep's results: each point's final metrics read from its run directory, written as summary.csv and summary.md.
 
-Per point: summary.json (epochs, restored epoch, held-out FOSCTTM), the train/val loss terms of the restored
-epoch (the final model) from metrics.jsonl, and every number in eval.json when the run directory has one.
-summary.md adds mean ± sd over seeds per setting.
+Per point: summary.json (epochs, restored epoch, held-out-pair and unseen-cell FOSCTTM), the train/val loss terms
+of the restored epoch (the final model) from metrics.jsonl, and every number in eval.json when the run directory
+has one. summary.md adds mean ± sd over seeds per setting.
 """
 
 import csv
@@ -15,8 +15,9 @@ import statistics
 
 from clue_jax import outputs
 
-SUMMARY_KEYS = ("epochs_run", "restored_epoch", "early_stopped", "heldout_foscttm")
-HEADLINE = ("heldout_foscttm", "train/loss_gen", "val/loss_gen")  # Metrics shown in summary.md, before eval/*.
+SUMMARY_KEYS = ("epochs_run", "restored_epoch", "early_stopped", "heldout_foscttm", "unseen_foscttm")
+# Metrics shown in summary.md, before eval/*.
+HEADLINE = ("heldout_foscttm", "unseen_foscttm", "train/loss_gen", "val/loss_gen")
 
 
 @dataclasses.dataclass

@@ -30,6 +30,12 @@ def scaled_lr(lr: float, batch_size: int, rule: str = "none") -> float:
   return lr * {"none": 1.0, "linear": ratio, "sqrt": math.sqrt(ratio)}[rule]
 
 
+def warmup_factor(epoch: int, warmup_epochs: int) -> float:
+  """The fraction of the learning rate used in the 1-based epoch `epoch`: epoch / (warmup_epochs + 1) for the first
+  `warmup_epochs` epochs, then 1 (0 warm-up epochs, the reference: always 1)."""
+  return min(epoch / (warmup_epochs + 1), 1.0) if warmup_epochs > 0 else 1.0
+
+
 def auto_plan(n_train_ids: int, batch_size: int, lr: float, max_epochs=AUTO, align_burnin=AUTO, patience=AUTO,
               reduce_lr_patience=AUTO, cap: int = 0) -> Plan:
   """The reference's AUTO formulas, max(ceil(c / (lr * batches_per_epoch)), c) for c = 72, 12, 9, 3.

@@ -1,9 +1,9 @@
 """Train state, the train step (discriminator update, then generator update), evaluation and encoding.
 
-Pure functions of arrays: the trainer jits them over its mesh. Optimisers are two RMSprop states with PyTorch
-semantics (decay 0.99, eps 1e-8 outside the sqrt); the learning rate is a traced argument so that
-ReduceLROnPlateau changes it without recompiling. A step whose losses are not finite changes nothing but the
-step counter.
+Pure functions of arrays: the trainer jits them over its mesh. Optimisers are two states of one kind, by default
+RMSprop with PyTorch semantics (decay 0.99, eps 1e-8 outside the sqrt; `UPDATE_RULES` has the others); the
+learning rate is a traced argument so that ReduceLROnPlateau and warm-up change it without recompiling. A step
+whose losses are not finite changes nothing but the step counter.
 """
 
 from typing import Any
@@ -35,27 +35,37 @@ def rmsprop() -> optax.GradientTransformation:
   return optax.scale_by_rms(decay=0.99, eps=1e-8, eps_in_sqrt=False)
 
 
+# Update directions by `train.optimizer` (config.OPTIMIZERS); the step applies the learning rate. "rmsprop" is the
+# reference's, "adam" has torch.optim.Adam's defaults, "lamb" is Adam with a layer-wise trust ratio.
+UPDATE_RULES = {
+    "rmsprop": rmsprop,
+    "adam": optax.scale_by_adam,
+    "lamb": lambda: optax.chain(optax.scale_by_adam(eps=1e-6), optax.scale_by_trust_ratio()),
+}
+
+
 def split_params(params):
   """(encoders + decoders + classifier, discriminator): the two optimisers' parameter sets."""
   vae = {k: v for k, v in params.items() if k != DISCRIMINATOR}
   return vae, params[DISCRIMINATOR]
 
 
-def init_state(model: CLUE, key, example_batch) -> TrainState:
+def init_state(model: CLUE, key, example_batch, optimizer: str = "rmsprop") -> TrainState:
   variables = model.init(key, example_batch)
   params = variables["params"]
   vae, dsc = split_params(params)
+  transform = UPDATE_RULES[optimizer]()
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=variables["batch_stats"],
-                    opt_vae=rmsprop().init(vae), opt_dsc=rmsprop().init(dsc))
+                    opt_vae=transform.init(vae), opt_dsc=transform.init(dsc))
 
 
 def count_params(params) -> int:
   return sum(x.size for x in jax.tree.leaves(params))
 
 
-def make_train_step(model: CLUE, weights: losses.Weights, normalize_u: bool):
+def make_train_step(model: CLUE, weights: losses.Weights, normalize_u: bool, optimizer: str = "rmsprop"):
   """`step(state, batch, key, lr, noise_scale) -> (state, measurements)` for one minibatch."""
-  optimizer = rmsprop()
+  optimizer = UPDATE_RULES[optimizer]()
   dsc_apply = nn.apply(losses.discriminator_objective, model, mutable=["batch_stats"])
   gen_apply = nn.apply(losses.generator_objective, model, mutable=["batch_stats"])
 
@@ -70,7 +80,7 @@ def make_train_step(model: CLUE, weights: losses.Weights, normalize_u: bool):
       return loss, mutated["batch_stats"]
 
     (dsc_value, batch_stats), grads = jax.value_and_grad(dsc_loss, has_aux=True)(dsc)
-    updates, opt_dsc = optimizer.update(grads, state.opt_dsc)
+    updates, opt_dsc = optimizer.update(grads, state.opt_dsc, dsc)
     new_dsc = jax.tree.map(lambda p, u: p - lr * u, dsc, updates)
 
     def gen_loss(vae_params):
@@ -83,7 +93,7 @@ def make_train_step(model: CLUE, weights: losses.Weights, normalize_u: bool):
     finite = jnp.isfinite(gen_value) & jnp.isfinite(dsc_value)
 
     def update_vae():
-      updates, opt_vae = optimizer.update(grads, state.opt_vae)
+      updates, opt_vae = optimizer.update(grads, state.opt_vae, vae)
       return jax.tree.map(lambda p, u: p - lr * u, vae, updates), opt_vae
 
     # The large update runs only on finite steps: a conditional, ~5 % faster steps on CPU than computing it and
@@ -99,9 +109,9 @@ def make_train_step(model: CLUE, weights: losses.Weights, normalize_u: bool):
   return step
 
 
-def make_train_chunk(model: CLUE, weights: losses.Weights, normalize_u: bool):
+def make_train_chunk(model: CLUE, weights: losses.Weights, normalize_u: bool, optimizer: str = "rmsprop"):
   """Runs a chunk of steps (leading axis of every batch array) in one `lax.scan`."""
-  step = make_train_step(model, weights, normalize_u)
+  step = make_train_step(model, weights, normalize_u, optimizer)
 
   def chunk(state, batches, key, lr, noise_scale):
     return jax.lax.scan(lambda s, b: step(s, b, key, lr, noise_scale), state, batches)
@@ -109,13 +119,14 @@ def make_train_chunk(model: CLUE, weights: losses.Weights, normalize_u: bool):
   return chunk
 
 
-def make_device_train_chunk(model: CLUE, weights: losses.Weights, normalize_u: bool, n_features: dict):
+def make_device_train_chunk(model: CLUE, weights: losses.Weights, normalize_u: bool, n_features: dict,
+                            optimizer: str = "rmsprop"):
   """As `make_train_chunk`, with the data on the devices: `chunk(state, arrays, indices, key, lr, noise_scale)`.
 
   `arrays` are `device_data.host_arrays` put on the devices, `indices` one of `device_data.epoch_chunks` put on
   the devices; each step gathers its own minibatch.
   """
-  step = make_train_step(model, weights, normalize_u)
+  step = make_train_step(model, weights, normalize_u, optimizer)
 
   def chunk(state, arrays, indices, key, lr, noise_scale):
     def body(s, step_indices):

@@ -217,6 +217,22 @@ def heldout_foscttm(encoder: Encoder, state, dataset: data_lib.Dataset):
   return float(np.mean(scores)) if scores else None
 
 
+def unseen_foscttm(encoder: Encoder, state, dataset: data_lib.Dataset):
+  """FOSCTTM over the validation cells measured in two modalities: cells held out of training entirely (their
+  preprocessing was fitted without them), averaged over modality pairs; None with fewer than 2 such cells."""
+  names, scores = dataset.names, []
+  for i, a in enumerate(names):
+    for b in names[i + 1:]:
+      rows_a, rows_b = dataset.pairing.rows[a][dataset.val_ids], dataset.pairing.rows[b][dataset.val_ids]
+      both = (rows_a >= 0) & (rows_b >= 0)
+      if both.sum() > 1:
+        scores.append(metrics.foscttm(encoder(state, a, rows_a[both]), encoder(state, b, rows_b[both])))
+  return float(np.mean(scores)) if scores else None
+
+
+MONITORED = {"heldout_foscttm": heldout_foscttm, "unseen_foscttm": unseen_foscttm}
+
+
 def write_embeddings(encoder: Encoder, state, dataset: data_lib.Dataset, config, out_dir: pathlib.Path) -> dict:
   """`<modality>.h5ad` (obs + obsm["X_clue"]) for every modality, and `joint.h5ad` for multi-modal cells.
 
@@ -298,19 +314,20 @@ def make_epoch_runner(config, model: CLUE, weights: losses.Weights, dataset: dat
   explicit copy of row indices per epoch); otherwise the host densifies and sends every chunk of steps (with several
   processes, each densifies only the rows its devices hold).
   """
-  normalize_u, per = config.model.normalize_u, config.train.steps_per_dispatch
+  normalize_u, per, optimizer = config.model.normalize_u, config.train.steps_per_dispatch, config.train.optimizer
   batch_size, replicated = config.train.batch_size, parallel.replicated(mesh)
   chunk_sharding = parallel.batch_sharding(mesh, batch_axis=1)
   if config.train.data_on_device:
     n_features = {n: m.counts.shape[1] for n, m in dataset.modalities.items()}
     arrays = parallel.put(device_data.host_arrays(dataset), replicated)
-    chunk_fn = jax.jit(steps.make_device_train_chunk(model, weights, normalize_u, n_features), donate_argnums=0)
+    chunk_fn = jax.jit(steps.make_device_train_chunk(model, weights, normalize_u, n_features, optimizer),
+                       donate_argnums=0)
 
     def chunks(rows, n_steps):
       return [(arrays, c) for c in parallel.put(device_data.epoch_chunks(rows, n_steps, batch_size, per),
                                                 chunk_sharding)]
   else:
-    chunk_fn = jax.jit(steps.make_train_chunk(model, weights, normalize_u), donate_argnums=0)
+    chunk_fn = jax.jit(steps.make_train_chunk(model, weights, normalize_u, optimizer), donate_argnums=0)
     part = parallel.process_rows(mesh, batch_size)
 
     def chunks(rows, n_steps):
@@ -371,8 +388,9 @@ def train_and_evaluate(config, workdir, init_from=None, inputs=None) -> dict:
   rows0 = sampler.epoch_rows(dataset.pairing, dataset.train_ids, np.random.default_rng([config.seed, 0]),
                              batch_size, drop_last=True)
   example = jax.tree.map(lambda x: x[0], data_lib.steps_chunk(dataset, rows0, 0, 1, batch_size))
-  init = jax.jit(lambda key, batch: steps.init_state(model, key, batch), out_shardings=state_sharding)
-  abstract_state = jax.eval_shape(lambda: steps.init_state(model, init_key, example))
+  optimizer = config.train.optimizer
+  init = jax.jit(lambda key, batch: steps.init_state(model, key, batch, optimizer), out_shardings=state_sharding)
+  abstract_state = jax.eval_shape(lambda: steps.init_state(model, init_key, example, optimizer))
   abstract_state = checkpoint.abstract(abstract_state, state_sharding)
 
   # Resume, or start (from a finished run's parameters with --init_from).
@@ -416,7 +434,8 @@ def train_and_evaluate(config, workdir, init_from=None, inputs=None) -> dict:
     rows = sampler.epoch_rows(dataset.pairing, dataset.train_ids, np.random.default_rng([config.seed, epoch, 0]),
                               batch_size, drop_last=True)
     n_steps = len(rows.valid) // batch_size
-    state, measurements = train_epoch(state, rows, n_steps, step_key, schedule.lr, noise)
+    lr = schedule.lr * schedule_lib.warmup_factor(epoch, config.train.warmup_epochs)
+    state, measurements = train_epoch(state, rows, n_steps, step_key, lr, noise)
     values = per_step_values(measurements)
     finite = values["finite"]
     train_terms = {k: float(v.mean()) for k, v in values.items() if k != "finite"}
@@ -431,7 +450,7 @@ def train_and_evaluate(config, workdir, init_from=None, inputs=None) -> dict:
           f"That step's update was not applied and training stopped; {kept}. Lower train.lr or check the input "
           f"data.")
 
-    record = {"epoch": epoch, "step": int(state.step), "lr": schedule.lr, "noise_scale": noise}
+    record = {"epoch": epoch, "step": int(state.step), "lr": lr, "noise_scale": noise}
     if continued and epoch == latest + 1:
       record["continued"] = continued  # The budget keys changed when the run went on from its epoch `latest`.
     record.update({f"train/loss_{k}": v for k, v in train_terms.items()})
@@ -441,11 +460,12 @@ def train_and_evaluate(config, workdir, init_from=None, inputs=None) -> dict:
       val_terms = validate(eval_fn, state, dataset, val_rows, batch_size, jax.random.fold_in(eval_key, epoch),
                            np.float32(noise), batch_sharding)
       record.update({f"val/loss_{k}": v for k, v in val_terms.items()})
-    foscttm = heldout_foscttm(encoder, state, dataset)
-    if foscttm is not None:
-      record["val/heldout_foscttm"] = foscttm
-    monitored = (foscttm if config.train.monitor == "heldout_foscttm"
-                 else record.get("val/loss_gen", record["train/loss_gen"]))
+    for key, score in MONITORED.items():
+      value = score(encoder, state, dataset)
+      if value is not None:
+        record[f"val/{key}"] = value
+    monitored = (record.get("val/loss_gen", record["train/loss_gen"]) if config.train.monitor == "val_loss"
+                 else record[f"val/{config.train.monitor}"])
     events = schedule.after_epoch(epoch, monitored)
     record.update(events)
     record["time/epoch_s"] = time.time() - started
@@ -475,6 +495,7 @@ def train_and_evaluate(config, workdir, init_from=None, inputs=None) -> dict:
   summary = {"epochs_run": schedule.epoch, "restored_epoch": final_epoch, "plan": schedule.to_json()["plan"],
              "early_stopped": schedule.stopped and schedule.epoch < schedule.plan.max_epochs,
              "n_params": n_params, "heldout_foscttm": heldout_foscttm(encoder, state, dataset),
+             "unseen_foscttm": unseen_foscttm(encoder, state, dataset),
              "library_heads": library_heads(encoder, state, dataset),
              "embeddings": {k: list(v) for k, v in shapes.items()}}
   if continued:

@@ -45,6 +45,15 @@ def test_lr_scaling_rules_and_their_auto_epochs():
     config_lib.validate(config)
 
 
+def test_warmup_ramps_the_rate_linearly_then_holds_it():
+  assert [schedule_lib.warmup_factor(e, 3) for e in (1, 2, 3, 4, 10)] == [0.25, 0.5, 0.75, 1.0, 1.0]
+  assert [schedule_lib.warmup_factor(e, 0) for e in (1, 2)] == [1.0, 1.0]  # The reference: no warm-up.
+  config = load_config()
+  config.train.warmup_epochs = -1
+  with pytest.raises(config_lib.ConfigError, match=r"train.warmup_epochs=-1 is not allowed"):
+    config_lib.validate(config)
+
+
 def test_noise_annealing():
   assert [schedule_lib.noise_scale(e, 4) for e in (1, 2, 3, 4, 5, 6)] == [1.0, 0.75, 0.5, 0.25, 0.0, 0.0]
   assert schedule_lib.noise_scale(1, 0) == 0.0

@@ -31,10 +31,11 @@ def test_run_directory_is_complete(smoke_run):
   for record in records:
     for key in ("train/loss_self_rna", "train/loss_kl_adt", "train/loss_joint_cross_rna", "train/loss_real_cross_adt",
                 "train/loss_cos", "train/loss_dsc", "train/loss_gen", "val/loss_gen", "val/loss_self_adt",
-                "val/heldout_foscttm"):
+                "val/heldout_foscttm", "val/unseen_foscttm"):
       assert np.isfinite(record[key]), key
   assert {"train/loss_self_rna", "val/loss_gen", "val/heldout_foscttm"} <= tensorboard_tags(workdir / "tb")
   assert summary["epochs_run"] == EPOCHS
+  assert 0 <= summary["unseen_foscttm"] < 0.5 and 0 <= summary["heldout_foscttm"] < 0.5
   # Both NB library-size heads alive: a positive size for every cell, in both decoders.
   assert summary["library_heads"] == {"rna": {"rna": 1.0, "adt": 1.0}, "adt": {"rna": 1.0, "adt": 1.0}}
 
