@@ -48,7 +48,13 @@ Measurements written to --out (JSON):
   n_ids_train       training cell IDs per epoch = round(0.9 x number of unique cell IDs), as fit()'s 90/10 split
                     over IDs makes it; rows_per_epoch is what the minibatches really held (the loader drops the last
                     incomplete group of 4 fetches, so it is a little smaller).
-  fit_seconds       wall time of model.fit(), including dataset setup, validation, tensorboard and checkpoints.
+  fit_seconds       wall time of model.fit(), including dataset setup, validation, tensorboard and checkpoints
+                    (and the tracing below, when on).
+  trace             with --trace: per finished epoch (but the last, after which no train step runs), the held-out
+                    FOSCTTM of the model as it stands and the Unix time it was taken, less the time all earlier
+                    tracing took (fit_started / fit_ended are on the same clock, fit_ended less all tracing);
+                    traced_seconds is that total. encode_data runs in eval mode (posterior means, no dropout) with
+                    an unshuffled loader, and train_step switches back to train mode.
   fit_cpu_seconds   CPU time (user + system) of the process during fit; fit_cpu_seconds / fit_seconds well below
                     --threads while other processes run means the wall time is inflated by contention.
   cells_per_second  epochs_run x n_ids_train / fit_seconds (the figure benchmark.md section B quotes).
@@ -122,6 +128,8 @@ def parse_args(argv=None):
                       help="override the preset's shared_batches (the discriminator's batch condition)")
   parser.add_argument("--seed", type=int, help="random seed (default: the preset's random_seed)")
   parser.add_argument("--threads", type=int, default=2, help="torch / BLAS threads (default 2)")
+  parser.add_argument("--trace", action="store_true",
+                      help="with --heldout: the held-out FOSCTTM after every epoch, with its wall-clock time")
   parser.add_argument("--out", required=True, metavar="RESULT.json")
   args = parser.parse_args(argv)
   if bool(args.mod) == (args.synthetic is not None):
@@ -130,6 +138,8 @@ def parse_args(argv=None):
     parser.error("give at least two --mod")
   if args.heldout and not args.mod:
     parser.error("--heldout needs --mod")
+  if args.trace and not args.heldout:
+    parser.error("--trace needs --heldout")
   return args
 
 
@@ -274,8 +284,23 @@ def main(argv=None):
   # trainer.train_step when fit() starts, so it picks up the wrapper).
   seen = {"epoch": 0, "iterations": 0, "rows": 0}
   train_step = model.trainer.train_step
+  trace, traced_seconds = [], [0.0]
+  heldout = read_pairs(args.heldout, adatas[names[0]], adatas[names[1]]) if args.heldout else None
+
+  def held_out_scores():
+    return matching_metrics(model.encode_data(names[0], adatas[names[0]])[heldout[0]],
+                            model.encode_data(names[1], adatas[names[1]])[heldout[1]])
+
+  def record_epoch(epoch):
+    """Epoch `epoch` has finished: its held-out FOSCTTM, timed at the wall clock less the time spent tracing."""
+    started = time.time()
+    foscttm_now, _ = held_out_scores()  # encode_data switches to eval mode; train_step switches back.
+    trace.append({"epoch": epoch, "time": started - traced_seconds[0], "foscttm": foscttm_now})
+    traced_seconds[0] += time.time() - started
 
   def counting_train_step(engine, data):
+    if args.trace and engine.state.epoch > seen["epoch"] > 0:
+      record_epoch(seen["epoch"])
     seen["epoch"] = max(seen["epoch"], engine.state.epoch)
     seen["iterations"] += 1
     seen["rows"] += int(data[0].shape[0])
@@ -288,20 +313,18 @@ def main(argv=None):
   with tempfile.TemporaryDirectory(prefix="reference_scglue_") as directory:
     cpu_start = process_cpu_seconds()
     start = time.perf_counter()
+    fit_started = time.time()
     model.fit(adatas, directory=directory, **fit_kwargs)
     fit_seconds = time.perf_counter() - start
+    fit_ended = time.time() - traced_seconds[0]
     fit_cpu_seconds = process_cpu_seconds() - cpu_start
   epochs_run = seen["epoch"]
 
   foscttm = top1 = None
   n_heldout = None
   if args.heldout:
-    first, second = adatas[names[0]], adatas[names[1]]
-    idx_x, idx_y = read_pairs(args.heldout, first, second)
-    emb_x = model.encode_data(names[0], first)
-    emb_y = model.encode_data(names[1], second)
-    foscttm, top1 = matching_metrics(emb_x[idx_x], emb_y[idx_y])
-    n_heldout = int(len(idx_x))
+    foscttm, top1 = held_out_scores()  # The final model: fit() restores its best checkpoint.
+    n_heldout = int(len(heldout[0]))
 
   result = {
       "preset": args.preset,
@@ -313,6 +336,10 @@ def main(argv=None):
       "rows_per_epoch": seen["rows"] / epochs_run if epochs_run else None,
       "iterations": seen["iterations"],
       "fit_seconds": fit_seconds,
+      "fit_started": fit_started,
+      "fit_ended": fit_ended,
+      "traced_seconds": traced_seconds[0],
+      "trace": trace,
       "fit_cpu_seconds": fit_cpu_seconds,
       "seconds_per_epoch": fit_seconds / epochs_run if epochs_run else None,
       "cells_per_second": epochs_run * n_ids_train / fit_seconds,

@@ -1,20 +1,23 @@
 """Strong and weak scaling of clue_jax over 1, 2, 4, ... devices: throughput and quality after a fixed budget.
 
   python experiments/scaling.py [--fake-devices 4] [--cells 2048] [--batch-size 128] [--per-device-batch 64]
-      [--epochs 3] [--quality-epochs 4] [--threshold 0.2] [--out runs/scaling]
+      [--epochs 3] [--quality-epochs 4] [--threshold 0.2] [--lr-scaling sqrt] [--warmup-epochs 0] [--out runs/scaling]
 
 Every device count runs in its own subprocess (`--fake-devices K`: K fake CPU devices, set before JAX starts;
 otherwise all visible devices). Strong scaling keeps the global batch (`--batch-size`); weak scaling keeps the batch
-per device (`--per-device-batch`). Per row:
+per device (`--per-device-batch`), so its global batch grows with the devices, and its quality runs scale the
+learning rate with it (`--lr-scaling`, train.lr_scaling relative to batch 128; `none` keeps the config's rate) after
+`--warmup-epochs`. Per row:
 
   * `cells_per_s`: the trainer's epoch loop (`trainer.make_epoch_runner`, data on the devices) on synthetic paired
     cells (`bench_throughput.synthetic_files`, library-default model), compile excluded;
   * quality: `configs/smoke.py` (embedded CITE starter, 10 % of pairs hidden) trained by `trainer.train_and_evaluate`
     for `--quality-epochs`; `foscttm` is the held-out FOSCTTM after the budget, `epochs_to_threshold` the first epoch
     with FOSCTTM <= `--threshold`, `seconds_to_threshold` that many epochs at the median epoch time of epochs >= 2
-    (epoch 1 includes compilation).
+    (epoch 1 includes compilation), and `trace` the FOSCTTM after every epoch against the training seconds so far.
 
-Writes `scaling.csv` and, with matplotlib, `scaling.png` under `--out`.
+Writes `scaling.csv`, `scaling.json` (the rows with their traces) and, with matplotlib, `scaling.png` (cells/s,
+quality after the budget, and quality against training time) under `--out`.
 """
 
 import argparse
@@ -28,7 +31,8 @@ import tempfile
 import time
 
 HERE = pathlib.Path(__file__).resolve().parent
-FIELDS = ["mode", "devices", "batch_size", "cells_per_s", "foscttm", "epochs_to_threshold", "seconds_to_threshold"]
+FIELDS = ["mode", "devices", "batch_size", "lr_scaling", "cells_per_s", "foscttm", "epochs_to_threshold",
+          "seconds_to_threshold"]
 
 
 def throughput(n_devices: int, batch_size: int, cells: int, epochs: int) -> float:
@@ -64,7 +68,8 @@ def throughput(n_devices: int, batch_size: int, cells: int, epochs: int) -> floa
   return epochs * n_steps * batch_size / (time.perf_counter() - started)
 
 
-def quality(n_devices: int, batch_size: int, epochs: int, threshold: float) -> dict:
+def quality(n_devices: int, batch_size: int, epochs: int, threshold: float, lr_scaling: str = "none",
+            warmup_epochs: int = 0) -> dict:
   """Held-out FOSCTTM of configs/smoke.py after `epochs`, and the time to reach `threshold`."""
   import numpy as np
   from clue_jax.train import trainer
@@ -72,15 +77,18 @@ def quality(n_devices: int, batch_size: int, epochs: int, threshold: float) -> d
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   config = module.get_config()
-  config.train.update(max_epochs=epochs, batch_size=batch_size, num_devices=n_devices, progress=False)
+  config.train.update(max_epochs=epochs, batch_size=batch_size, num_devices=n_devices, progress=False,
+                      lr_scaling=lr_scaling, warmup_epochs=warmup_epochs)
   with tempfile.TemporaryDirectory() as tmp:
     trainer.train_and_evaluate(config, tmp)
     records = [json.loads(line) for line in (pathlib.Path(tmp) / "metrics.jsonl").read_text().splitlines()]
   scores = [r["val/heldout_foscttm"] for r in records]
   steady = float(np.median([r["time/epoch_s"] for r in records[1:]] or [records[0]["time/epoch_s"]]))
   reached = next((i + 1 for i, s in enumerate(scores) if s <= threshold), None)
+  seconds = np.cumsum([r["time/epoch_s"] for r in records])
   return {"foscttm": scores[-1], "epochs_to_threshold": reached,
-          "seconds_to_threshold": None if reached is None else reached * steady}
+          "seconds_to_threshold": None if reached is None else reached * steady,
+          "trace": [[float(t), s] for t, s in zip(seconds, scores)]}
 
 
 def worker(args):
@@ -89,9 +97,11 @@ def worker(args):
     jax.config.update("jax_platforms", "cpu")
     jax.config.update("jax_num_cpu_devices", args.fake_devices)
   sys.path.insert(0, str(HERE))
-  row = {"mode": args.mode, "devices": args.devices, "batch_size": args.batch_size,
+  rule = args.lr_scaling if args.mode == "weak" else "none"
+  warmup = args.warmup_epochs if args.mode == "weak" else 0
+  row = {"mode": args.mode, "devices": args.devices, "batch_size": args.batch_size, "lr_scaling": rule,
          "cells_per_s": throughput(args.devices, args.batch_size, args.cells, args.epochs)}
-  row.update(quality(args.devices, args.batch_size, args.quality_epochs, args.threshold))
+  row.update(quality(args.devices, args.batch_size, args.quality_epochs, args.threshold, rule, warmup))
   print("RESULT " + json.dumps(row), flush=True)
 
 
@@ -111,15 +121,20 @@ def plot(rows: list, path: pathlib.Path):
   except ImportError:
     print("matplotlib is not installed: no plot", flush=True)
     return
-  fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
+  fig, axes = plt.subplots(1, 3, figsize=(13, 3.5))
   for mode in ("strong", "weak"):
     mine = [r for r in rows if r["mode"] == mode]
     axes[0].plot([r["devices"] for r in mine], [r["cells_per_s"] for r in mine], "o-", label=mode)
     axes[1].plot([r["devices"] for r in mine], [r["foscttm"] for r in mine], "o-", label=mode)
+    for r in mine:
+      axes[2].plot(*zip(*r["trace"]), ".-" if mode == "weak" else ".:",
+                   label=f"{mode}, {r['devices']} dev, batch {r['batch_size']}")
   ticks = sorted({r["devices"] for r in rows})
   axes[0].set(xlabel="devices", ylabel="cells/s (epoch loop)", xscale="log", xticks=ticks)
   axes[1].set(xlabel="devices", ylabel="held-out FOSCTTM after budget", xscale="log", xticks=ticks)
-  for ax in axes:
+  axes[2].set(xlabel="training seconds (epoch 1 includes compilation)", ylabel="held-out FOSCTTM")
+  axes[2].legend(fontsize=6)
+  for ax in axes[:2]:
     ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
     ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.legend()
@@ -136,6 +151,9 @@ def main():
   parser.add_argument("--epochs", type=int, default=3, help="timed epochs of the throughput measurement")
   parser.add_argument("--quality-epochs", type=int, default=4)
   parser.add_argument("--threshold", type=float, default=0.2)
+  parser.add_argument("--lr-scaling", default="sqrt", choices=["none", "linear", "sqrt"],
+                      help="train.lr_scaling of the weak-scaling quality runs")
+  parser.add_argument("--warmup-epochs", type=int, default=0, help="train.warmup_epochs of the weak-scaling runs")
   parser.add_argument("--out", default="runs/scaling")
   parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
   parser.add_argument("--mode", default="strong", help=argparse.SUPPRESS)
@@ -153,17 +171,19 @@ def main():
       batch = args.batch_size if mode == "strong" else args.per_device_batch * devices
       command = [sys.executable, __file__, "--worker", f"--mode={mode}", f"--devices={devices}",
                  f"--batch-size={batch}", f"--fake-devices={args.fake_devices}", f"--cells={args.cells}",
-                 f"--epochs={args.epochs}", f"--quality-epochs={args.quality_epochs}", f"--threshold={args.threshold}"]
+                 f"--epochs={args.epochs}", f"--quality-epochs={args.quality_epochs}", f"--threshold={args.threshold}",
+                 f"--lr-scaling={args.lr_scaling}", f"--warmup-epochs={args.warmup_epochs}"]
       done = subprocess.run(command, check=True, capture_output=True, text=True)
       row = json.loads(next(line for line in done.stdout.splitlines() if line.startswith("RESULT "))[7:])
-      print(row, flush=True)
+      print({k: v for k, v in row.items() if k != "trace"}, flush=True)
       rows.append(row)
   out = pathlib.Path(args.out)
   out.mkdir(parents=True, exist_ok=True)
   with open(out / "scaling.csv", "w", newline="") as f:
-    writer = csv.DictWriter(f, FIELDS)
+    writer = csv.DictWriter(f, FIELDS, extrasaction="ignore")
     writer.writeheader()
     writer.writerows(rows)
+  (out / "scaling.json").write_text(json.dumps(rows, indent=2))
   plot(rows, out / "scaling.png")
   print(f"wrote {out / 'scaling.csv'}", flush=True)
 

@@ -3,6 +3,7 @@ finished points skipped, the summary rewritten after each point."""
 
 import concurrent.futures
 import dataclasses
+import inspect
 import json
 import os
 import pathlib
@@ -36,7 +37,9 @@ def load_grid(spec: str) -> list[Point]:
   if not hasattr(module, "get_sweep"):
     raise grid.GridError(f"{path} defines no get_sweep(); add one returning a list of override dicts "
                          f"(see clue_jax/sweep/grid.py)")
-  base, points = module.get_config(*arguments), module.get_sweep()
+  # get_sweep takes the config file's argument too when it has a parameter for it (`configs/plus/sweep.py:cite`).
+  takes_argument = bool(inspect.signature(module.get_sweep).parameters)
+  base, points = module.get_config(*arguments), module.get_sweep(*(arguments if takes_argument else ()))
   grid.check_points(points, str(path))
   names = grid.run_names(points)
   configs = []

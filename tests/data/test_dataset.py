@@ -244,6 +244,18 @@ def test_heldout_monitor_needs_pairs_to_hide(tmp_path):
     data_lib.load_dataset(config)
 
 
+def test_unseen_monitor_needs_validation_cells_in_two_modalities(tmp_path):
+  config = two_modality_config(tmp_path)
+  config.data.pair_by = "none"
+  config.train.monitor = "unseen_foscttm"
+  with pytest.raises(data_lib.DataError, match=r"train.monitor='unseen_foscttm' needs validation cells measured in "
+                                           r"two modalities, but the validation split \(data.val_split=0.1\) holds 0"):
+    data_lib.load_dataset(config)
+  config.data.val_split = 0.0
+  with pytest.raises(config_lib.ConfigError, match=r"unseen_foscttm needs data.val_split > 0"):
+    config_lib.validate(config)
+
+
 @pytest.mark.parametrize("change, pattern", [
     (lambda c: c.data.modalities.rna.update(rep="obsm", rep_key="X_pca"),
      r"rna.h5ad: obsm has no key 'X_pca' \(data.modalities.rna.rep_key\); available: \['X_lsi'\]. Set "

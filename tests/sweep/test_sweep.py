@@ -137,6 +137,28 @@ def test_ablation_grids_cover_every_setting_with_three_seeds(spec):
   assert len(no_batch) == 3 and not any(c.model.shared_batches for c in no_batch)
 
 
+@pytest.mark.parametrize("dataset", ["cite", "multiome", "pbmc"])
+def test_plus_grids_hold_faithful_plus_and_plus_without_each_part(dataset):
+  """configs/plus/sweep.py:<dataset> (get_sweep takes the file's argument): the faithful config is the dataset's
+  ablation config untouched, the plus point its recipe, and each ablation differs from plus in one part only."""
+  recipe = config_lib.load_module(ROOT / "configs" / "plus" / "recipe.py")
+  points = runner.load_grid(f"{ROOT / 'configs' / 'plus' / 'sweep.py'}:{dataset}")
+  parts = recipe.RECIPES[dataset]
+  by_setting = {}
+  for point in points:
+    by_setting.setdefault(point.setting, []).append(point)
+  assert len(by_setting) == 2 + len(parts) and all(len(p) == 3 for p in by_setting.values())
+  base = config_lib.load_module(ROOT / "configs" / "precision.py").get_config(dataset)
+  faithful = next(p for p in points if not grid.setting(p.overrides)).config
+  assert faithful.loss.to_dict() == base.loss.to_dict() and faithful.train.monitor == "val_loss"
+  plus = recipe.overrides(dataset)
+  assert {k: v for p in points for k, v in grid.setting(p.overrides).items()} == plus
+  for part in parts:
+    without = recipe.overrides(dataset, without=part)
+    assert set(plus) - set(without) == set(recipe.PARTS[part])
+    assert any(grid.setting(p.overrides) == without for p in points), part
+
+
 # ---------------------------------------------------------------------------------------------------- report
 def fake_run(run_dir: pathlib.Path, foscttm: float, val_gen: float):
   """The files a finished run leaves: summary.json and metrics.jsonl (its restored epoch 2 is not the last)."""

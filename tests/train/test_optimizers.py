@@ -1,4 +1,4 @@
-"""train.optimizer and train.warmup_epochs: each update rule's first step, and both keys inside a whole run."""
+"""train.optimizer, train.warmup_epochs and train.monitor=unseen_foscttm: first steps, and the keys in whole runs."""
 
 import json
 
@@ -71,3 +71,14 @@ def test_warmup_and_another_optimizer_in_a_whole_run(tmp_path):
   assert [r["lr"] for r in records] == pytest.approx([config.train.lr / 3, 2 * config.train.lr / 3, config.train.lr])
   run = api.load(tmp_path)  # Restores the LAMB optimiser states the run saved.
   assert run.epoch == summary["restored_epoch"]
+
+
+def test_the_unseen_monitor_keeps_the_epoch_whose_unseen_cells_match_best(tmp_path):
+  config = load_config()
+  config.train.update(monitor="unseen_foscttm", keep_best=1, patience=0, max_epochs=4, progress=False)
+  summary = trainer.train_and_evaluate(config, tmp_path)
+  records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  after_burnin = [r for r in records if r["epoch"] > config.train.align_burnin]
+  best = min(after_burnin, key=lambda r: r["val/unseen_foscttm"])
+  assert summary["restored_epoch"] == best["epoch"]
+  assert summary["unseen_foscttm"] == pytest.approx(best["val/unseen_foscttm"], abs=1e-6)
