@@ -201,12 +201,18 @@ def fit_pca(x, n_components, clip=10.0, seed=0):
   n_components is clamped to min(n_components, n_cells, n_features).
   Components are the top right singular vectors of the standardised matrix
   Z, found by randomized_svd (15 power iterations, as the competition's
-  recipe) on an operator that re-standardises row chunks on the fly, so Z
-  is never held in memory whole. Signs follow _sign_flips.
+  recipe). Z is standardised once and held in memory when it has at most
+  _MAX_CHUNK_ELEMENTS entries (256 MiB); a larger Z is never held whole: an operator
+  re-standardises row chunks on every product. Signs follow _sign_flips.
   """
   mean, std = _mean_std(x)
   k = _clamp_rank(n_components, x.shape)
-  _, _, vt = randomized_svd(_standardised_operator(x, mean, std, clip), k, seed=seed)
+  if x.shape[0] * x.shape[1] <= _MAX_CHUNK_ELEMENTS:
+    dense = x.toarray() if sp.issparse(x) else x
+    z = _standardise(np.array(dense, dtype=np.float64), mean, std, clip)
+  else:
+    z = _standardised_operator(x, mean, std, clip)
+  _, _, vt = randomized_svd(z, k, seed=seed)
   return PCAState(mean=mean, std=std, components=np.ascontiguousarray(vt))
 
 

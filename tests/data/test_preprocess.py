@@ -127,10 +127,16 @@ def test_pca_matches_reference(sparse):
 
 
 def test_pca_row_chunks_do_not_change_the_result(monkeypatch):
+  """Z held in memory (small data) and Z re-standardised chunk by chunk (data over _MAX_CHUNK_ELEMENTS) agree."""
   x = _low_rank(m=150, n=30, rank=4, seed=2)
   whole = pp.fit_pca(x, 4)
   monkeypatch.setattr(pp, "_MAX_CHUNK_ROWS", 64)
+  monkeypatch.setattr(pp, "_MAX_CHUNK_ELEMENTS", 64 * 30)
+  calls = []
+  operator = pp._standardised_operator
+  monkeypatch.setattr(pp, "_standardised_operator", lambda *a: calls.append(1) or operator(*a))
   chunked = pp.fit_pca(sp.csr_matrix(x), 4)
+  assert calls  # The chunked path ran.
   np.testing.assert_allclose(chunked.components, whole.components, atol=1e-6)
 
 
