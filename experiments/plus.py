@@ -12,8 +12,10 @@ seeds as dots).
 """
 
 import csv
+import datetime
 import json
 import pathlib
+import platform
 import subprocess
 import sys
 
@@ -111,12 +113,16 @@ def dataset_section(result: dict) -> list:
     if change is not None:
       met = "" if key not in ("foscttm", "unseen_foscttm") else (
           f" (>= {TARGET:.0f} %: {'met' if change >= TARGET else 'not met'})")
-      lines.append(f"- plus vs faithful, {title}: {change:+.1f} % better{met}")
+      direction = "better" if change >= 0 else "worse"
+      lines.append(f"- plus vs faithful, {title}: {abs(change):.1f} % {direction}{met}")
   return lines + [""]
 
 
 def report(results: list, command: str) -> str:
-  lines = ["# CLUE+ against the reference-faithful config", "", "```", command, "```", "",
+  commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+  lines = ["# CLUE+ against the reference-faithful config", "",
+           f"{datetime.date.today()}, host `{platform.node()}` (CPU), scored at commit {commit.stdout.strip()}.", "",
+           "```", command, "```", "",
            "Settings per dataset: faithful (the dataset's ablation config, configs/ablations/<name>.py), plus "
            "(configs/plus/recipe.py's parts for it), and plus without each part; 3 seeds, the same splits and hidden "
            "pairs per seed. Held-out pairs: cells whose pairing was hidden during training (they trained as unpaired "
