@@ -382,23 +382,7 @@ class Run:
     """Matches the cells of `adata_a` to those of `adata_b` in the shared embedding (within the batches of the
     obs column `batch_key` when given): "snn" (shared nearest neighbours, `k`) or "sinkhorn" (entropic optimal
     transport, `epsilon`, `n_iter`, `top_k` weights kept per row)."""
-    if method not in ("snn", "sinkhorn"):
-      raise RunError(f"method={method!r}: use 'snn' or 'sinkhorn'")
-    a, b = self.modality_data(adata_a, modality_a), self.modality_data(adata_b, modality_b)
-    batches = [None, None]
-    if batch_key is not None:
-      for i, (cells, name) in enumerate(((a, modality_a), (b, modality_b))):
-        if batch_key not in cells.obs:
-          raise RunError(f"the {name!r} cells have no obs column {batch_key!r} (batch_key); available: "
-                         f"{list(cells.obs.columns)}")
-        batches[i] = cells.obs[batch_key].to_numpy()
-    x, y = self.embed(a, modality_a), self.embed(b, modality_b)
-    if method == "snn":
-      matrix = matching.snn_matching(x, y, k, *batches)
-    else:
-      matrix = matching.sinkhorn_matching(x, y, epsilon, n_iter, *batches, top_k=top_k)
-    partner = pd.Series(np.asarray(b.obs_names)[matching.best_partners(matrix)], index=a.obs_names, name="partner")
-    return Matching(matrix, partner)
+    return match_cells(self, adata_a, modality_a, adata_b, modality_b, method, k, batch_key, epsilon, n_iter, top_k)
 
   # ------------------------------------------------------------------------------------------------ plumbing
   def check_modality(self, modality: str) -> str:
@@ -470,3 +454,66 @@ class Run:
     if not out:
       raise RunError("no cells given")
     return np.concatenate(out)
+
+
+class Ensemble:
+  """Several runs of the same modalities (seeds, or a fine-tuned run and the run it started from) matching as one.
+
+      ensemble = clue_jax.api.Ensemble([clue_jax.api.load(d) for d in ("runs/a", "runs/b")])
+      matches = ensemble.match(rna, "rna", adt, "adt", method="sinkhorn")
+
+  The ensemble's embedding of a cell is its members' L2-normalised embeddings side by side, scaled by
+  1 / sqrt(members): the cosine similarity of two cells in it is the mean of their cosine similarities in the members,
+  which is what SNN and Sinkhorn matching compare. An ensemble of one run matches as that run does.
+  """
+
+  def __init__(self, runs):
+    self.runs = list(runs)
+    if not self.runs:
+      raise RunError("Ensemble([]): give at least one run (clue_jax.api.load(workdir))")
+    for run in self.runs[1:]:
+      if set(run.modalities) != set(self.modalities):
+        raise RunError(f"{run!r} has modalities {list(run.modalities)}, {self.runs[0]!r} has "
+                       f"{list(self.modalities)}: an ensemble's runs embed the same modalities")
+
+  def __repr__(self):
+    return f"Ensemble({self.runs!r})"
+
+  @property
+  def modalities(self) -> tuple:
+    return self.runs[0].modalities
+
+  def modality_data(self, adata, modality: str) -> ad.AnnData:
+    return self.runs[0].modality_data(adata, modality)
+
+  def embed(self, cells: ad.AnnData, modality: str) -> np.ndarray:
+    parts = [matching.l2_rows(run.embed(cells, modality)) for run in self.runs]
+    return (np.hstack(parts) / math.sqrt(len(parts))).astype(np.float32)
+
+  def match(self, adata_a, modality_a: str, adata_b, modality_b: str, method: str = "snn", k: int = 1,
+            batch_key: str | None = None, epsilon: float = 0.01, n_iter: int = 500,
+            top_k: int = matching.MAX_NONZEROS_PER_ROW) -> Matching:
+    """`Run.match` on the ensemble's embedding."""
+    return match_cells(self, adata_a, modality_a, adata_b, modality_b, method, k, batch_key, epsilon, n_iter, top_k)
+
+
+def match_cells(model, adata_a, modality_a: str, adata_b, modality_b: str, method: str, k: int,
+                batch_key: str | None, epsilon: float, n_iter: int, top_k: int) -> Matching:
+  """`Run.match` for anything with `modality_data` and `embed` (a Run or an Ensemble)."""
+  if method not in ("snn", "sinkhorn"):
+    raise RunError(f"method={method!r}: use 'snn' or 'sinkhorn'")
+  a, b = model.modality_data(adata_a, modality_a), model.modality_data(adata_b, modality_b)
+  batches = [None, None]
+  if batch_key is not None:
+    for i, (cells, name) in enumerate(((a, modality_a), (b, modality_b))):
+      if batch_key not in cells.obs:
+        raise RunError(f"the {name!r} cells have no obs column {batch_key!r} (batch_key); available: "
+                       f"{list(cells.obs.columns)}")
+      batches[i] = cells.obs[batch_key].to_numpy()
+  x, y = model.embed(a, modality_a), model.embed(b, modality_b)
+  if method == "snn":
+    matrix = matching.snn_matching(x, y, k, *batches)
+  else:
+    matrix = matching.sinkhorn_matching(x, y, epsilon, n_iter, *batches, top_k=top_k)
+  partner = pd.Series(np.asarray(b.obs_names)[matching.best_partners(matrix)], index=a.obs_names, name="partner")
+  return Matching(matrix, partner)

@@ -201,6 +201,34 @@ def test_match_argument_errors(run, cells):
     run.match(cells["rna"], "rna", cells["adt"], "adt", batch_key="donor")
 
 
+@pytest.mark.parametrize("method", ["snn", "sinkhorn"])
+def test_an_ensemble_of_one_run_matches_as_the_run(run, cells, method):
+  rna, adt = cells["rna"][:300], cells["adt"][:300]
+  alone = run.match(rna, "rna", adt, "adt", method=method, batch_key="batch")
+  ensembled = api.Ensemble([run]).match(rna, "rna", adt, "adt", method=method, batch_key="batch")
+  np.testing.assert_allclose(ensembled.matrix.toarray(), alone.matrix.toarray(), atol=1e-5)
+  assert (ensembled.partner == alone.partner).all()
+
+
+def test_an_ensembles_cosine_similarity_is_the_mean_of_its_members():
+  rng = np.random.default_rng(0)
+  x, y = rng.normal(size=(3, 20, 8)), rng.normal(size=(3, 15, 8))
+  members = [types.SimpleNamespace(modalities=("rna", "adt"), modality_data=lambda a, m: a,
+                                   embed=lambda c, m, i=i: x[i] if m == "rna" else y[i]) for i in range(3)]
+  ensemble = api.Ensemble(members)
+  similarity = ensemble.embed(None, "rna") @ ensemble.embed(None, "adt").T
+  unit = lambda a: a / np.linalg.norm(a, axis=-1, keepdims=True)
+  np.testing.assert_allclose(similarity, np.mean(unit(x) @ unit(y).transpose(0, 2, 1), axis=0), atol=1e-6)
+
+
+def test_an_ensemble_needs_runs_of_the_same_modalities(run):
+  with pytest.raises(api.RunError, match="at least one run"):
+    api.Ensemble([])
+  other = types.SimpleNamespace(modalities=("rna", "atac"))
+  with pytest.raises(api.RunError, match="embed the same modalities"):
+    api.Ensemble([run, other])
+
+
 # ------------------------------------------------------------------------------------- prediction math, no run
 def test_distribution_means_match_scipy():
   loc, scale, zi = np.array([[0.3, -1.0]]), np.array([[0.5, 2.0]]), np.array([[0.0, 1.5]])

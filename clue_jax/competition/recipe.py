@@ -24,7 +24,8 @@ METHOD_ID = "clue_jax"
 
 def starter_settings(technology: str) -> ml_collections.ConfigDict:
   """The competition settings on an embedded starter's task files ("cite" or "multiome"): its three tasks, the
-  competition's fine-tuning (lr 1e-3, no burn-in, at most 50 epochs, patience 8, LR patience 3), SNN k = 1."""
+  competition's fine-tuning (lr 1e-3, no burn-in, at most 50 epochs, patience 8, LR patience 3), SNN k = 1, and
+  matching with the one fine-tuned run (`ensemble`: see `match_ensemble`)."""
   def prefix(task):
     return str(task_files.starter_file(technology, task, "x")).removesuffix(".x.h5ad")
 
@@ -34,6 +35,7 @@ def starter_settings(technology: str) -> ml_collections.ConfigDict:
       "finetune": {"train": {"lr": 1e-3, "align_burnin": 0, "max_epochs": 50, "patience": 8,
                              "reduce_lr_patience": 3}},
       "match": {"method": "snn", "k": 1},
+      "ensemble": {"seeds": 1, "pretrained": False},
   })
 
 
@@ -79,12 +81,19 @@ def run(config: ml_collections.ConfigDict, competition: ml_collections.ConfigDic
     raise config_lib.ConfigError(f"data_lib.modality_order={config.data.modality_order!r}: the competition tasks have "
                                  f"two modalities, mod1 then mod2")
   files = task_data.stage_files(competition.match_modality, names, workdir / "data")
-  configs = stage_configs(config, competition, files)
-  summaries = {"pretrain": train_stage(configs["pretrain"], workdir / "pretrain")}
-  summaries["finetune"] = train_stage(configs["finetune"], workdir / "finetune", init_from=workdir / "pretrain")
+  members = ensemble_members(config, competition, workdir)
+  summaries = {}
+  for member_config, member_dir in members:
+    configs = stage_configs(member_config, competition, files)
+    summaries[member_dir] = {"pretrain": train_stage(configs["pretrain"], member_dir / "pretrain")}
+    summaries[member_dir]["finetune"] = train_stage(configs["finetune"], member_dir / "finetune",
+                                                    init_from=member_dir / "pretrain")
   fitted = api.load(workdir / "finetune")
-  scores = {"epochs": {stage: s["restored_epoch"] for stage, s in summaries.items()},
-            "match_modality": match_modality(fitted, names, competition, files["test_batches"], workdir)}
+  matcher = match_ensemble(fitted, [d for _, d in members], competition)
+  scores = {"epochs": {stage: s["restored_epoch"] for stage, s in summaries[workdir].items()},
+            "match_modality": match_modality(matcher, names, competition, files["test_batches"], workdir)}
+  if isinstance(matcher, api.Ensemble):
+    scores["ensemble"] = [str(r.workdir) for r in matcher.runs]
   if competition.predict_modality:
     scores["predict_modality"] = predict_modality(fitted, names, competition.predict_modality, workdir)
   if competition.joint_embedding:
@@ -92,6 +101,32 @@ def run(config: ml_collections.ConfigDict, competition: ml_collections.ConfigDic
   scores = run_report.json_ready(scores)
   outputs.write_atomically(workdir / "scores.json", lambda p: p.write_text(json.dumps(scores, indent=2)))
   return scores
+
+
+def ensemble_members(config, competition, workdir: pathlib.Path) -> list:
+  """[(config, directory)] of the runs to train: `config` in `workdir`, and for `ensemble.seeds` = n > 1 the same
+  config with seeds config.seed + 1 ... + n - 1 in WORKDIR/members/seed_<seed>."""
+  seeds = int(competition.get("ensemble", {}).get("seeds", 1))
+  if seeds < 1:
+    raise config_lib.ConfigError(f"ensemble.seeds={seeds}: match with at least one run (1 is the reference's recipe)")
+  out = [(config, workdir)]
+  for offset in range(1, seeds):
+    seed = config.seed + offset
+    out.append((config_lib.apply_overrides(config, {"seed": seed}), workdir / "members" / f"seed_{seed}"))
+  return out
+
+
+def match_ensemble(fitted: api.Run, member_dirs: list, competition):
+  """What matches the test cells: the fine-tuned run alone (the reference's recipe), or an `api.Ensemble` of every
+  member's fine-tuned run and, with `ensemble.pretrained`, the pretrained runs they started from (which saw no test
+  cell)."""
+  with_pretrained = bool(competition.get("ensemble", {}).get("pretrained", False))
+  if len(member_dirs) == 1 and not with_pretrained:
+    return fitted
+  runs = [fitted] + [api.load(d / "finetune") for d in member_dirs[1:]]
+  if with_pretrained:
+    runs += [api.load(d / "pretrain") for d in member_dirs]
+  return api.Ensemble(runs)
 
 
 def subtask(types: tuple[str, str]) -> str:
@@ -117,8 +152,9 @@ def write_prediction(path: pathlib.Path, matrix, obs_names, var_names, dataset_i
   outputs.write_atomically(path, lambda p: prediction.write_h5ad(p))
 
 
-def match_modality(fitted: api.Run, names, competition, test_batches: dict, workdir: pathlib.Path) -> dict:
-  """match_probability of both directions (SNN or Sinkhorn within the test batches, as configured)."""
+def match_modality(fitted, names, competition, test_batches: dict, workdir: pathlib.Path) -> dict:
+  """match_probability of both directions (SNN or Sinkhorn within the test batches, as configured) with `fitted`, an
+  `api.Run` or `api.Ensemble`."""
   prefix = competition.match_modality
   files = task_data.read_task(prefix, ("test_mod1", "test_mod2", "test_sol"))
   solution = sp.csr_matrix(files["test_sol"].X)

@@ -85,6 +85,23 @@ def test_both_stages_then_official_format_predictions_and_every_score(tmp_path):
   before = (tmp_path / "finetune" / "summary.json").stat().st_mtime_ns
   assert recipe.run(config, comp, tmp_path)["match_modality"] == scores["match_modality"]
   assert (tmp_path / "finetune" / "summary.json").stat().st_mtime_ns == before
+
+  # An ensemble of two seeds with their pretrained runs: only the second seed is trained; its four runs match.
+  comp.ensemble.update(seeds=2, pretrained=True)
+  ensembled = recipe.run(config, comp, tmp_path)
+  member = tmp_path / "members" / f"seed_{config.seed + 1}"
+  assert ensembled["ensemble"] == [str(d / s) for s in ("finetune", "pretrain") for d in (tmp_path, member)]
+  assert (tmp_path / "finetune" / "summary.json").stat().st_mtime_ns == before
+  assert api.load(member / "pretrain").config.seed == config.seed + 1
+  ensemble = api.Ensemble([api.load(d) for d in ensembled["ensemble"]])
+  test = task_data.read_task(comp.match_modality, ("test_mod1", "test_mod2"))
+  batches = task_data.stage_files(comp.match_modality, ("rna", "adt"), tmp_path / "data")["test_batches"]
+  for name, kind in (("rna", "test_mod1"), ("adt", "test_mod2")):
+    test[kind].obs["batch"] = batches[name]
+  matched = ensemble.match(test["test_mod1"], "rna", test["test_mod2"], "adt", batch_key="batch", **comp.match)
+  assert ensembled["match_modality"]["GEX2ADT"]["match_probability"] == pytest.approx(
+      metrics.match_probability(matched.matrix, solution))
+  comp.ensemble.update(seeds=1, pretrained=False)
   config.seed += 1
   with pytest.raises(trainer.TrainingError, match=r"pretrain holds a finished run with a different config"):
     recipe.run(config, comp, tmp_path)
