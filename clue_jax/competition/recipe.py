@@ -91,7 +91,7 @@ def run(config: ml_collections.ConfigDict, competition: ml_collections.ConfigDic
   fitted = api.load(workdir / "finetune")
   matcher = match_ensemble(fitted, [d for _, d in members], competition)
   scores = {"epochs": {stage: s["restored_epoch"] for stage, s in summaries[workdir].items()},
-            "match_modality": match_modality(matcher, names, competition, files["test_batches"], workdir)}
+            "match_modality": match_modality(matcher, names, competition, workdir)}
   if isinstance(matcher, api.Ensemble):
     scores["ensemble"] = [str(r.workdir) for r in matcher.runs]
   if competition.predict_modality:
@@ -152,16 +152,12 @@ def write_prediction(path: pathlib.Path, matrix, obs_names, var_names, dataset_i
   outputs.write_atomically(path, lambda p: prediction.write_h5ad(p))
 
 
-def match_modality(fitted, names, competition, test_batches: dict, workdir: pathlib.Path) -> dict:
+def match_modality(fitted, names, competition, workdir: pathlib.Path) -> dict:
   """match_probability of both directions (SNN or Sinkhorn within the test batches, as configured) with `fitted`, an
   `api.Run` or `api.Ensemble`."""
   prefix = competition.match_modality
-  files = task_data.read_task(prefix, ("test_mod1", "test_mod2", "test_sol"))
+  cells, files = task_data.test_cells(prefix, names)
   solution = sp.csr_matrix(files["test_sol"].X)
-  cells = {}
-  for name, kind in zip(names, ("test_mod1", "test_mod2")):
-    cells[name] = files[kind].copy()
-    cells[name].obs["batch"] = test_batches[name]
   types = tuple(task_data.feature_type(files[k], k) for k in ("test_mod1", "test_mod2"))
   options = dict(competition.match)
   forward = fitted.match(cells[names[0]], names[0], cells[names[1]], names[1], batch_key="batch", **options).matrix

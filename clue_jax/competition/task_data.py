@@ -72,6 +72,25 @@ def test_batch_fallback(test_mod1: ad.AnnData) -> str:
   return UNKNOWN_BATCH
 
 
+def test_cell_batches(files: dict, names: tuple[str, str]) -> dict:
+  """{modality: batch of each test cell} (see the module docstring) of the task files `files` (read_task)."""
+  test1, test2 = files["test_mod1"], files["test_mod2"]
+  return {names[0]: batches(test1, UNKNOWN_BATCH),
+          names[1]: batches(test2, test_batch_fallback(test1) if "batch" not in test2.obs else None)}
+
+
+def test_cells(prefix: str, names: tuple[str, str]) -> tuple[dict, dict]:
+  """({modality: test cells with their obs "batch"}, the task files) of the match-modality task `prefix`, in the
+  test files' order, as matching takes them."""
+  files = read_task(prefix, ("test_mod1", "test_mod2", "test_sol"))
+  test_batches = test_cell_batches(files, names)
+  out = {}
+  for name, kind in zip(names, ("test_mod1", "test_mod2")):
+    out[name] = files[kind].copy()
+    out[name].obs["batch"] = test_batches[name]
+  return out, files
+
+
 def cells(adata: ad.AnnData, names, batch: np.ndarray) -> ad.AnnData:
   """`adata`'s counts layer, normalised X and features, with new obs_names and only a batch column."""
   obs = pd.DataFrame({"batch": batch, "task_obs_name": adata.obs_names.to_numpy(str)},
@@ -82,8 +101,7 @@ def cells(adata: ad.AnnData, names, batch: np.ndarray) -> ad.AnnData:
 
 
 def stage_files(prefix: str, names: tuple[str, str], out_dir: pathlib.Path) -> dict:
-  """Writes the pretraining and fine-tuning files of both modalities; returns {stage: {modality: path}} and the
-  test cells' batches ({"test_batches": {modality: array}}) for matching."""
+  """Writes the pretraining and fine-tuning files of both modalities; returns {stage: {modality: path}}."""
   files = read_task(prefix)
   mod1, mod2 = files["train_mod1"], files["train_mod2"]
   partner = partners(files["train_sol"], task_path(prefix, "train_sol"))
@@ -94,8 +112,7 @@ def stage_files(prefix: str, names: tuple[str, str], out_dir: pathlib.Path) -> d
   mod2 = mod2[partner]
   train_ids = [f"train-{i}" for i in range(mod1.n_obs)]
   test1, test2 = files["test_mod1"], files["test_mod2"]
-  test_batches = {names[0]: batches(test1, UNKNOWN_BATCH),
-                  names[1]: batches(test2, test_batch_fallback(test1) if "batch" not in test2.obs else None)}
+  test_batches = test_cell_batches(files, names)
   staged = {
       "pretrain": {names[0]: cells(mod1, train_ids, train_batch), names[1]: cells(mod2, train_ids, train_batch)},
   }
@@ -114,4 +131,4 @@ def stage_files(prefix: str, names: tuple[str, str], out_dir: pathlib.Path) -> d
     for name, adata in adatas.items():
       paths[stage][name] = out_dir / f"{stage}_{name}.h5ad"
       adata.write_h5ad(paths[stage][name])
-  return {**paths, "test_batches": test_batches}
+  return paths

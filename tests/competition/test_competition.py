@@ -94,11 +94,8 @@ def test_both_stages_then_official_format_predictions_and_every_score(tmp_path):
   assert (tmp_path / "finetune" / "summary.json").stat().st_mtime_ns == before
   assert api.load(member / "pretrain").config.seed == config.seed + 1
   ensemble = api.Ensemble([api.load(d) for d in ensembled["ensemble"]])
-  test = task_data.read_task(comp.match_modality, ("test_mod1", "test_mod2"))
-  batches = task_data.stage_files(comp.match_modality, ("rna", "adt"), tmp_path / "data")["test_batches"]
-  for name, kind in (("rna", "test_mod1"), ("adt", "test_mod2")):
-    test[kind].obs["batch"] = batches[name]
-  matched = ensemble.match(test["test_mod1"], "rna", test["test_mod2"], "adt", batch_key="batch", **comp.match)
+  test, _ = task_data.test_cells(comp.match_modality, ("rna", "adt"))
+  matched = ensemble.match(test["rna"], "rna", test["adt"], "adt", batch_key="batch", **comp.match)
   assert ensembled["match_modality"]["GEX2ADT"]["match_probability"] == pytest.approx(
       metrics.match_probability(matched.matrix, solution))
   comp.ensemble.update(seeds=1, pretrained=False)
