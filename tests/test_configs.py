@@ -20,11 +20,19 @@ def test_config_file_validates(path):
 
 def test_every_plus_config_is_its_faithful_config_with_the_recipe_on():
   recipe = config_lib.load_module(CONFIGS / "plus" / "recipe.py")
-  pairs = [(CONFIGS / "plus" / f"{d}.py", CONFIGS / f"{d}.py", d) for d in recipe.RECIPES]
-  pairs += [(CONFIGS / "competition" / f"{d}_plus.py", CONFIGS / "competition" / f"{d}.py", d)
-            for d in ("cite", "multiome")]
-  for plus_path, faithful_path, dataset in pairs:
-    plus = config_lib.load_module(plus_path).get_config()
-    expected = config_lib.apply_overrides(config_lib.load_module(faithful_path).get_config(),
+  for dataset in recipe.RECIPES:
+    plus = config_lib.load_module(CONFIGS / "plus" / f"{dataset}.py").get_config()
+    expected = config_lib.apply_overrides(config_lib.load_module(CONFIGS / f"{dataset}.py").get_config(),
                                           recipe.overrides(dataset))
-    assert plus.to_dict() == expected.to_dict(), plus_path
+    assert plus.to_dict() == expected.to_dict(), dataset
+
+
+@pytest.mark.parametrize("technology", ["cite", "multiome"])
+def test_the_competition_plus_configs_train_faithfully_and_match_with_the_recipe(technology):
+  recipe = config_lib.load_module(CONFIGS / "plus" / "recipe.py")
+  plus = config_lib.load_module(CONFIGS / "competition" / f"{technology}_plus.py")
+  faithful = config_lib.load_module(CONFIGS / "competition" / f"{technology}.py")
+  assert plus.get_config().to_dict() == faithful.get_config().to_dict()
+  expected = config_lib.apply_overrides(faithful.get_competition(), recipe.COMPETITION[technology])
+  assert plus.get_competition().to_dict() == expected.to_dict()
+  assert expected.ensemble.pretrained and not faithful.get_competition().ensemble.pretrained

@@ -1,14 +1,13 @@
-"""The competition recipe of configs/competition/cite.py with the CLUE+ parts for cite on in both stages
-(configs/plus/recipe.py).
+"""The competition recipe of configs/competition/cite.py, trained as the reference does, with the CLUE+ matching
+for cite (configs/plus/recipe.py: the fine-tuned and the pretrained run match as one ensemble).
 
   python -m clue_jax.competition --config=configs/competition/cite_plus.py --workdir=runs/competition_cite_plus
-  python experiments/competition.py --technologies=cite,cite_plus --seeds=0,1,2 --out=runs/competition_plus
+  python experiments/competition_ensembles.py --roots=runs/comp --technologies=cite   # its scores over seeds
 """
 
 import pathlib
 
 from clue_jax import config as config_lib
-from clue_jax.competition import recipe
 
 HERE = pathlib.Path(__file__).resolve().parent
 FAITHFUL = config_lib.load_module(HERE / "cite.py")
@@ -16,8 +15,8 @@ RECIPE = config_lib.load_module(HERE.parent / "plus" / "recipe.py")
 
 
 def get_config():
-  return RECIPE.apply(FAITHFUL.get_config(), "cite")
+  return FAITHFUL.get_config()
 
 
 def get_competition():
-  return recipe.starter_settings("cite")
+  return RECIPE.apply_competition(FAITHFUL.get_competition(), "cite")

@@ -1,14 +1,13 @@
-"""The competition recipe of configs/competition/multiome.py with the CLUE+ parts for multiome on in both stages
-(configs/plus/recipe.py).
+"""The competition recipe of configs/competition/multiome.py, trained as the reference does, with the CLUE+ matching
+for multiome (configs/plus/recipe.py: the fine-tuned and the pretrained run match as one ensemble).
 
   python -m clue_jax.competition --config=configs/competition/multiome_plus.py --workdir=runs/competition_multiome_plus
-  python experiments/competition.py --technologies=multiome,multiome_plus --seeds=0,1,2 --out=runs/competition_plus
+  python experiments/competition_ensembles.py --roots=runs/comp --technologies=multiome   # its scores over seeds
 """
 
 import pathlib
 
 from clue_jax import config as config_lib
-from clue_jax.competition import recipe
 
 HERE = pathlib.Path(__file__).resolve().parent
 FAITHFUL = config_lib.load_module(HERE / "multiome.py")
@@ -16,8 +15,8 @@ RECIPE = config_lib.load_module(HERE.parent / "plus" / "recipe.py")
 
 
 def get_config():
-  return RECIPE.apply(FAITHFUL.get_config(), "multiome")
+  return FAITHFUL.get_config()
 
 
 def get_competition():
-  return recipe.starter_settings("multiome")
+  return RECIPE.apply_competition(FAITHFUL.get_competition(), "multiome")

@@ -10,6 +10,15 @@ Every part is a set of config overrides whose defaults are the reference's behav
                   track matching quality once the discriminator wins.
   large_batch     train.batch_size 1024 with the rate scaled by the square root of the batch ratio to 128 and a
                   2-epoch warm-up (only where the training split holds several such batches).
+
+The competition recipe's plus (configs/competition/*_plus.py) trains as the reference does (the parts above lowered
+the CITE starter's match probability in that recipe) and changes how the test cells are matched:
+
+  ensemble        ensemble.pretrained True: the fine-tuned run and the pretrained run it started from (which saw no
+                  test cell) match as one `clue_jax.api.Ensemble`, i.e. by their mean cosine similarity; no extra
+                  training.
+  matching        per starter, SNN (k = 1) or Sinkhorn (epsilon 0.01), the better of the two on seeds 0-2
+                  (experiments/results/competition_plus.md, confirmed on seeds 3-8).
 """
 
 PARTS = {
@@ -25,6 +34,12 @@ RECIPES = {
 }
 
 
+COMPETITION = {
+    "cite": {"ensemble.pretrained": True, "match.method": "snn"},
+    "multiome": {"ensemble.pretrained": True, "match.method": "sinkhorn"},
+}
+
+
 def overrides(dataset: str, without: str = "") -> dict:
   """The plus recipe's overrides for `dataset`, leaving out the part `without` (for its ablation)."""
   out = {}
@@ -36,7 +51,16 @@ def overrides(dataset: str, without: str = "") -> dict:
 
 def apply(config, dataset: str):
   """`config` with the plus recipe of `dataset` on."""
-  for key, value in overrides(dataset).items():
+  return set_keys(config, overrides(dataset))
+
+
+def apply_competition(settings, technology: str):
+  """The competition settings (`get_competition()`) of a starter with the plus recipe's matching on."""
+  return set_keys(settings, COMPETITION[technology])
+
+
+def set_keys(config, flat: dict):
+  for key, value in flat.items():
     node = config
     *path, leaf = key.split(".")
     for name in path:
