@@ -4,6 +4,7 @@
     emb = run.encode(rna, "rna")                    # AnnData: obs of `rna`, obsm["X_clue"]
     adt_hat = run.predict(rna, "rna", "adt")        # AnnData: obs of `rna`, var = the run's ADT features
     matches = run.match(rna, "rna", adt, "adt")     # official-format pairing matrix + best partner per cell
+    Ensemble([run, clue_jax.api.load("runs/cite_2")]).match(rna, "rna", adt, "adt")   # several runs as one
 
 Inputs are AnnData, or MuData (anything with `.mod`) holding the modality under its name or its configured
 `mod_key`. They go through exactly the run's preprocessing: features aligned by name to the training features

@@ -2,9 +2,11 @@
 
   python -m clue_jax.competition --config=configs/competition/cite.py --workdir=runs/competition_cite \
       [--config.KEY=VALUE ...] [--match_modality=PREFIX] [--predict_modality=PREFIX] [--joint_embedding=PREFIX]
+      [--set=ensemble.seeds=3 --set=match.method=sinkhorn ...]
 
 The config file defines `get_config()` (the training config; its data paths are filled in here) and
-`get_competition()` (the task files and the fine-tuning settings). A task is given by the prefix of its files,
+`get_competition()` (the task files, the fine-tuning and the matching settings; `--set=KEY=VALUE` overrides one of
+its keys, as `--config.KEY=VALUE` does the training config's). A task is given by the prefix of its files,
 `PREFIX.<kind>.h5ad` (e.g. PREFIX.train_mod1.h5ad), so the full competition data works as the embedded starters do.
 Stages, each skipped when already finished:
 
@@ -13,11 +15,15 @@ Stages, each skipped when already finished:
   2. WORKDIR/pretrain/: `clue_jax.train` on the paired training cells (preprocessing fitted on them);
   3. WORKDIR/finetune/: a new run started from the pretrained one (its preprocessing, its weights; rows for the
      unseen test batches start fresh), trained on train + test with the fine-tuning settings;
-  4. scoring with the fine-tuned run through `clue_jax.api`: match modality in both directions (prediction.h5ad of the
+  3b. with `ensemble.seeds` = n > 1 (default 1, the reference), WORKDIR/members/seed_<s>/: stages 2-3 again for
+     n - 1 more seeds;
+  4. scoring with the fine-tuned run through `clue_jax.api` (matching: the fine-tuned runs of every seed and, with
+     `ensemble.pretrained`, their pretrained runs as one `api.Ensemble`): match modality in both directions (prediction.h5ad of the
      forward one in the official format), predict modality in both directions, joint embedding; WORKDIR/scores.json
      holds every score beside the official baselines shipped with the task files.
 """
 
+import ast
 import json
 import pathlib
 import sys
@@ -43,6 +49,8 @@ def define_flags():
   for task in TASKS:
     flags.DEFINE_string(task, None, f"Prefix of the {task} task files (PREFIX.<kind>.h5ad), replacing the config "
                         f"file's; '' skips the task (not for match_modality).")
+  flags.DEFINE_multi_string("set", [], "KEY=VALUE: a key of the config file's get_competition() to override, e.g. "
+                            "ensemble.seeds=3 or match.method=sinkhorn (repeatable).")
   flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -52,13 +60,31 @@ def competition_settings(config_flag: str) -> ml_collections.ConfigDict:
   module = config_lib.load_module(path)
   if not hasattr(module, "get_competition"):
     raise config_lib.ConfigError(f"{path} defines no get_competition(); see configs/competition/cite.py")
-  competition = module.get_competition()
+  competition = config_lib.apply_overrides(module.get_competition(), parse_settings(flags.FLAGS.set))
   for task in TASKS:
     if flags.FLAGS[task].value is not None:
       competition[task] = flags.FLAGS[task].value
   if not competition.match_modality:
     raise config_lib.ConfigError("--match_modality='': the recipe trains on the match-modality task's files")
   return competition
+
+
+def parse_settings(pairs: list[str]) -> dict:
+  """`["ensemble.seeds=3", "ensemble.pretrained=true"]` as `{"ensemble.seeds": 3, "ensemble.pretrained": True}`."""
+  settings = {}
+  for pair in pairs:
+    key, sep, text = pair.partition("=")
+    if not sep or not key:
+      raise config_lib.ConfigError(f"--set={pair!r}: write KEY=VALUE, e.g. --set=ensemble.seeds=3")
+    lowered = text.strip().lower()
+    if lowered in ("true", "false"):
+      settings[key] = lowered == "true"
+    else:
+      try:
+        settings[key] = ast.literal_eval(text)
+      except (ValueError, SyntaxError):
+        settings[key] = text
+  return settings
 
 
 def main(argv):

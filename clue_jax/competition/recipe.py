@@ -24,8 +24,8 @@ METHOD_ID = "clue_jax"
 
 def starter_settings(technology: str) -> ml_collections.ConfigDict:
   """The competition settings on an embedded starter's task files ("cite" or "multiome"): its three tasks, the
-  competition's fine-tuning (lr 1e-3, no burn-in, at most 50 epochs, patience 8, LR patience 3), SNN k = 1, and
-  matching with the one fine-tuned run (`ensemble`: see `match_ensemble`)."""
+  competition's fine-tuning (lr 1e-3, no burn-in, at most 50 epochs, patience 8, LR patience 3), SNN k = 1 (or
+  Sinkhorn at `epsilon`), and matching with the one fine-tuned run (`ensemble`: see `match_ensemble`)."""
   def prefix(task):
     return str(task_files.starter_file(technology, task, "x")).removesuffix(".x.h5ad")
 
@@ -34,7 +34,7 @@ def starter_settings(technology: str) -> ml_collections.ConfigDict:
       # Overrides of the training config for fine-tuning.
       "finetune": {"train": {"lr": 1e-3, "align_burnin": 0, "max_epochs": 50, "patience": 8,
                              "reduce_lr_patience": 3}},
-      "match": {"method": "snn", "k": 1},
+      "match": {"method": "snn", "k": 1, "epsilon": 0.01},
       "ensemble": {"seeds": 1, "pretrained": False},
   })
 

@@ -21,6 +21,8 @@ the CITE starter's match probability in that recipe) and changes how the test ce
                   (experiments/results/competition_plus.md, confirmed on seeds 3-8).
 """
 
+from clue_jax import config as config_lib
+
 PARTS = {
     "contrastive": {"loss.lam_contrastive": 0.2},
     "unseen_monitor": {"train.monitor": "unseen_foscttm"},
@@ -51,19 +53,9 @@ def overrides(dataset: str, without: str = "") -> dict:
 
 def apply(config, dataset: str):
   """`config` with the plus recipe of `dataset` on."""
-  return set_keys(config, overrides(dataset))
+  return config_lib.apply_overrides(config, overrides(dataset))
 
 
 def apply_competition(settings, technology: str):
   """The competition settings (`get_competition()`) of a starter with the plus recipe's matching on."""
-  return set_keys(settings, COMPETITION[technology])
-
-
-def set_keys(config, flat: dict):
-  for key, value in flat.items():
-    node = config
-    *path, leaf = key.split(".")
-    for name in path:
-      node = node[name]
-    node[leaf] = value
-  return config
+  return config_lib.apply_overrides(settings, COMPETITION[technology])

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from clue_jax import api, config as config_lib
-from clue_jax.competition import recipe, task_data, task_files as cf
+from clue_jax.competition import __main__ as cli, recipe, task_data, task_files as cf
 from clue_jax.evaluate import metrics
 from clue_jax.train import trainer
 
@@ -50,6 +50,21 @@ def test_official_baselines_are_on_the_metrics_scale():
 def test_a_missing_task_file_names_the_file(tmp_path):
   with pytest.raises(task_data.TaskFileError, match=rf"{tmp_path}/x.train_mod1.h5ad: no such task file"):
     task_data.read_task(str(tmp_path / "x"))
+
+
+def test_set_overrides_competition_settings_with_their_types_and_names_a_wrong_key():
+  _, comp = starter_recipe("cite")
+  pairs = ["ensemble.seeds=3", "ensemble.pretrained=true", "match.method=sinkhorn", "match.epsilon=0.02"]
+  changed = config_lib.apply_overrides(comp, cli.parse_settings(pairs))
+  assert (changed.ensemble.seeds, changed.ensemble.pretrained) == (3, True)
+  assert (changed.match.method, changed.match.epsilon, changed.match.k) == ("sinkhorn", 0.02, 1)
+  assert (comp.ensemble.seeds, comp.match.method) == (1, "snn")  # The settings given are not changed.
+  with pytest.raises(config_lib.ConfigError, match=r"unknown config key 'ensemble.seed'.*ensemble.seeds"):
+    config_lib.apply_overrides(comp, cli.parse_settings(["ensemble.seed=3"]))
+  with pytest.raises(config_lib.ConfigError, match=r"ensemble.seeds='three' has type str; expected int"):
+    config_lib.apply_overrides(comp, cli.parse_settings(["ensemble.seeds=three"]))
+  with pytest.raises(config_lib.ConfigError, match=r"write KEY=VALUE"):
+    cli.parse_settings(["ensemble.seeds"])
 
 
 def test_both_stages_then_official_format_predictions_and_every_score(tmp_path):
