@@ -1,6 +1,6 @@
 """The competition recipe on both starters, clue_jax beside the official baselines and the PyTorch reference.
 
-  python experiments/recipe.py --out=runs/competition [--technologies=cite,multiome] [--seeds=5,6,7]
+  python experiments/competition.py --out=runs/competition [--technologies=cite,multiome] [--seeds=5,6,7]
       [--ref-python=/tmp/ref/bin/python]
 
 For each technology and seed, runs `configs/competition/<technology>.py` through `clue_jax.competition` (pretraining,

@@ -17,6 +17,7 @@ def test_an_epoch_shorter_than_one_dispatch_is_timed(tmp_path):
   args = argparse.Namespace(preset="defaults", batch_size=256, devices=0, steps_per_dispatch=8, host_data=False,
                             matmul_dtype="float32")
   config = bench_throughput.bench_config(bench_throughput.synthetic_files(tmp_path, 700), args)
+  config.model.update(latent_dim=8, encoder_width=32, decoder_width=32, discriminator_width=32)  # Seconds to compile.
   timers = bench_throughput.Timers(config, epochs=1)
   assert timers.n_steps == 2 and timers.per_dispatch == 2
   for cells_per_s in (timers.steps(), timers.loop()):
