@@ -17,10 +17,10 @@ Stages, each skipped when already finished:
      unseen test batches start fresh), trained on train + test with the fine-tuning settings;
   3b. with `ensemble.seeds` = n > 1 (default 1, the reference), WORKDIR/members/seed_<s>/: stages 2-3 again for
      n - 1 more seeds;
-  4. scoring with the fine-tuned run through `clue_jax.api` (matching: the fine-tuned runs of every seed and, with
-     `ensemble.pretrained`, their pretrained runs as one `api.Ensemble`): match modality in both directions (prediction.h5ad of the
-     forward one in the official format), predict modality in both directions, joint embedding; WORKDIR/scores.json
-     holds every score beside the official baselines shipped with the task files.
+  4. scoring with the fine-tuned run through `clue_jax.api`: match modality in both directions (prediction.h5ad of the
+     forward one in the official format; with several seeds or `ensemble.pretrained`, the fine-tuned runs of every
+     seed and their pretrained runs match as one `api.Ensemble`), predict modality in both directions, joint
+     embedding; WORKDIR/scores.json holds every score beside the official baselines shipped with the task files.
 """
 
 import ast
