@@ -33,6 +33,7 @@ def test_the_competition_plus_configs_train_faithfully_and_match_with_the_recipe
   plus = config_lib.load_module(CONFIGS / "competition" / f"{technology}_plus.py")
   faithful = config_lib.load_module(CONFIGS / "competition" / f"{technology}.py")
   assert plus.get_config().to_dict() == faithful.get_config().to_dict()
-  expected = config_lib.apply_overrides(faithful.get_competition(), recipe.COMPETITION[technology])
+  expected = config_lib.apply_overrides(faithful.get_competition(), recipe.COMPETITION)
   assert plus.get_competition().to_dict() == expected.to_dict()
-  assert expected.ensemble.pretrained and not faithful.get_competition().ensemble.pretrained
+  assert (expected.ensemble.seeds, expected.ensemble.pretrained, expected.match.method) == (3, True, "sinkhorn")
+  assert (faithful.get_competition().ensemble.seeds, faithful.get_competition().match.method) == (1, "snn")

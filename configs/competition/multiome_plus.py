@@ -1,8 +1,8 @@
 """The competition recipe of configs/competition/multiome.py, trained as the reference does, with the CLUE+ matching
-for multiome (configs/plus/recipe.py: the fine-tuned and the pretrained run match as one ensemble).
+(configs/plus/recipe.py: three seeds, their fine-tuned and pretrained runs matched as one ensemble by Sinkhorn).
 
   python -m clue_jax.competition --config=configs/competition/multiome_plus.py --workdir=runs/competition_multiome_plus
-  python experiments/competition_ensembles.py --roots=runs/comp --technologies=multiome   # its scores over seeds
+  python experiments/competition_ensembles.py --roots=runs/comp --technologies=multiome --epsilon=0.005   # scores over seeds
 """
 
 import pathlib
@@ -19,4 +19,4 @@ def get_config():
 
 
 def get_competition():
-  return RECIPE.apply_competition(FAITHFUL.get_competition(), "multiome")
+  return RECIPE.apply_competition(FAITHFUL.get_competition())
