@@ -40,7 +40,8 @@ TARGET = 26.0  # Per cent better than faithful that the plus recipe aims at (Mat
 
 
 def define_flags():
-  flags.DEFINE_list("datasets", ["pbmc", "cite", "multiome"], "Grids: configs/plus/sweep.py:<name>.")
+  flags.DEFINE_list("datasets", ["pbmc", "cite", "multiome"],
+                    "Grids: configs/plus/sweep.py:<name>; <name>_confirm is faithful and plus on seeds 3-5.")
   flags.DEFINE_string("runs", "runs", "Directory holding the grids, RUNS/plus_<dataset>/.")
   flags.DEFINE_bool("train", False, "Train each grid first (finished points are skipped).")
   flags.DEFINE_string("out", "experiments/results", "Directory for plus.md and plus.png.")
@@ -51,6 +52,7 @@ def grid_spec(dataset: str) -> str:
 
 
 def setting_label(overrides: dict, dataset: str) -> str:
+  dataset = dataset.removesuffix("_confirm")  # The confirmation grid (seeds 3-5) of that dataset's recipe.
   setting = grid.setting(overrides)
   if not setting:
     return FAITHFUL

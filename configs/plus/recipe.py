@@ -10,6 +10,10 @@ Every part is a set of config overrides whose defaults are the reference's behav
                   track matching quality once the discriminator wins.
   large_batch     train.batch_size 1024 with the rate scaled by the square root of the batch ratio to 128 and a
                   2-epoch warm-up (only where the training split holds several such batches).
+  weak_kl         loss.lam_kl 0.1: a tenth of the reference's KL weight, so the posterior is pulled less towards the
+                  prior and keeps more of what tells cells apart (removing KL lowered held-out FOSCTTM on all three
+                  datasets in the ablation grids, experiments/results/ablations.md; a tenth keeps the posterior
+                  regularised).
 
 The competition recipe's plus (configs/competition/*_plus.py) trains as the reference does (the parts above lowered
 the CITE starter's match probability in that recipe) and matches the test cells with an ensemble:
@@ -28,12 +32,13 @@ PARTS = {
     "contrastive": {"loss.lam_contrastive": 0.2},
     "unseen_monitor": {"train.monitor": "unseen_foscttm"},
     "large_batch": {"train.batch_size": 1024, "train.lr_scaling": "sqrt", "train.warmup_epochs": 2},
+    "weak_kl": {"loss.lam_kl": 0.1},
 }
 # The parts each dataset uses: the starters' 540 training cells hold no batch of 1024.
 RECIPES = {
     "pbmc": ("contrastive", "unseen_monitor", "large_batch"),
-    "cite": ("contrastive", "unseen_monitor"),
-    "multiome": ("contrastive", "unseen_monitor"),
+    "cite": ("weak_kl",),
+    "multiome": ("contrastive", "unseen_monitor", "weak_kl"),
 }
 
 

@@ -140,14 +140,16 @@ def test_ablation_grids_cover_every_setting_with_three_seeds(spec):
 @pytest.mark.parametrize("dataset", ["cite", "multiome", "pbmc"])
 def test_plus_grids_hold_faithful_plus_and_plus_without_each_part(dataset):
   """configs/plus/sweep.py:<dataset> (get_sweep takes the file's argument): the faithful config is the dataset's
-  ablation config untouched, the plus point its recipe, and each ablation differs from plus in one part only."""
+  ablation config untouched, the plus point its recipe, and each ablation differs from plus in one part only (a
+  one-part recipe has no ablation: without its part it is the faithful config)."""
   recipe = config_lib.load_module(ROOT / "configs" / "plus" / "recipe.py")
   points = runner.load_grid(f"{ROOT / 'configs' / 'plus' / 'sweep.py'}:{dataset}")
   parts = recipe.RECIPES[dataset]
   by_setting = {}
   for point in points:
     by_setting.setdefault(point.setting, []).append(point)
-  assert len(by_setting) == 2 + len(parts) and all(len(p) == 3 for p in by_setting.values())
+  ablations = len(parts) if len(parts) > 1 else 0
+  assert len(by_setting) == 2 + ablations and all(len(p) == 3 for p in by_setting.values())
   base = config_lib.load_module(ROOT / "configs" / "precision.py").get_config(dataset)
   faithful = next(p for p in points if not grid.setting(p.overrides)).config
   assert faithful.loss.to_dict() == base.loss.to_dict() and faithful.train.monitor == "val_loss"
@@ -157,6 +159,17 @@ def test_plus_grids_hold_faithful_plus_and_plus_without_each_part(dataset):
     without = recipe.overrides(dataset, without=part)
     assert set(plus) - set(without) == set(recipe.PARTS[part])
     assert any(grid.setting(p.overrides) == without for p in points), part
+
+
+@pytest.mark.parametrize("dataset", ["cite", "multiome", "pbmc"])
+def test_plus_confirmation_grids_hold_faithful_and_plus_on_seeds_3_to_5(dataset):
+  recipe = config_lib.load_module(ROOT / "configs" / "plus" / "recipe.py")
+  main = runner.load_grid(f"{ROOT / 'configs' / 'plus' / 'sweep.py'}:{dataset}")
+  points = runner.load_grid(f"{ROOT / 'configs' / 'plus' / 'sweep.py'}:{dataset}_confirm")
+  assert sorted((p.overrides[grid.SEED], json.dumps(grid.setting(p.overrides), sort_keys=True)) for p in points) == \
+      sorted((seed, json.dumps(s, sort_keys=True)) for seed in (3, 4, 5) for s in ({}, recipe.overrides(dataset)))
+  faithful = next(p for p in points if not grid.setting(p.overrides)).config
+  assert faithful.data.to_dict() == main[0].config.data.to_dict()
 
 
 # ---------------------------------------------------------------------------------------------------- report
