@@ -16,7 +16,8 @@ Every part is a set of config overrides whose defaults are the reference's behav
                   regularised).
 
 The competition recipe's plus (configs/competition/*_plus.py) trains as the reference does (contrastive and
-unseen_monitor lowered the CITE starter's match probability in that recipe; weak_kl was not tried there) and matches the test cells with an ensemble:
+unseen_monitor lowered the CITE starter's match probability in that recipe; weak_kl was not tried there) and
+matches the test cells with an ensemble:
 
   ensemble        ensemble.seeds 3, ensemble.pretrained True: the recipe trained for three seeds, and the three
                   fine-tuned runs with the pretrained runs they started from (which saw no test cell) match as one
