@@ -29,6 +29,7 @@ from clue_jax.sweep import grid, runner
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 RECIPE = config_lib.load_module(ROOT / "configs" / "plus" / "recipe.py")
+SWEEP = config_lib.load_module(ROOT / "configs" / "plus" / "sweep.py")
 FAITHFUL, PLUS = "faithful", "plus"
 METRICS = (  # key, column title, higher is better
     ("foscttm", "held-out-pair FOSCTTM ↓", False),
@@ -52,7 +53,7 @@ def grid_spec(dataset: str) -> str:
 
 
 def setting_label(overrides: dict, dataset: str) -> str:
-  dataset = dataset.removesuffix("_confirm")  # The confirmation grid (seeds 3-5) of that dataset's recipe.
+  dataset = dataset.removesuffix(SWEEP.CONFIRM)  # The confirmation grid (seeds 3-5) of that dataset's recipe.
   setting = grid.setting(overrides)
   if not setting:
     return FAITHFUL
