@@ -1,40 +1,34 @@
 """Notebook API on a finished run: embed, translate and match AnnData / MuData with a trained model.
 
-    run = clue_jax.api.load("runs/cite")
+    run = clue_jax.load("runs/cite")
     emb = run.encode(rna, "rna")                    # AnnData: obs of `rna`, obsm["X_clue"]
     adt_hat = run.predict(rna, "rna", "adt")        # AnnData: obs of `rna`, var = the run's ADT features
     matches = run.match(rna, "rna", adt, "adt")     # official-format pairing matrix + best partner per cell
-    Ensemble([run, clue_jax.api.load("runs/cite_2")]).match(rna, "rna", adt, "adt")   # several runs as one
+    Ensemble([run, clue_jax.load("runs/cite_2")]).match(rna, "rna", adt, "adt")   # several runs as one
 
 Inputs are AnnData, or MuData (anything with `.mod`) holding the modality under its name or its configured
 `mod_key`. They go through exactly the run's preprocessing: features aligned by name to the training features
 (missing ones are an error naming them), the saved PCA / LSI re-applied, or the configured obsm key read. Nothing is
 written into the inputs unless `inplace=True` says so. The math lives in `evaluate/matching.py` and
-`evaluate/prediction.py`; this module holds the run's state, its preprocessing and the devices.
+`evaluate/prediction.py`; the run directory in `train/run_dir.py`; this module holds the run's state, its
+preprocessing and the devices. Training from a notebook is `clue_jax.fit` (`clue_jax/fitting.py`).
 """
 
-import copy
-import hashlib
-import json
 import math
-import pathlib
 from typing import NamedTuple
 
 import anndata as ad
 import jax
-import ml_collections
 import mudata
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from clue_jax import config as config_lib
 from clue_jax.data import dataset as data_lib
 from clue_jax.evaluate import matching, prediction
-from clue_jax.model.network import CLUE, ModalitySpec
-from clue_jax.train import checkpoint, parallel, steps, trainer
-
-CHUNK = trainer.ENCODE_CHUNK  # Rows per device call, padded (as the trainer encodes, so results agree bitwise).
+from clue_jax.model.network import CLUE
+from clue_jax.train import checkpoint, encoding, parallel, run_dir, steps
+from clue_jax.train.errors import NoFinishedRun
 
 
 class RunError(ValueError):
@@ -49,162 +43,45 @@ class Matching(NamedTuple):
   partner: pd.Series
 
 
-def fit(data, config=None, workdir=None, **overrides) -> "Run":
-  """Trains CLUE on in-memory data and returns the finished run, as `python -m clue_jax.train` does on files.
-
-  `data`: a MuData (its `.mod`), a dict {modality: AnnData}, or one AnnData holding every configured modality
-  (the others in its obsm, see `obsm_key`). `config`: a config file ("configs/cite.py[:arg]"), a ConfigDict, or None
-  (`clue_jax.config.get_config()` with one default modality per name in `data`). `overrides`: per modality a dict
-  (`rna={"layer": "counts", "batch_key": "sample"}`), else a config group's dict (`train={"max_epochs": 5}`) or a
-  top-level value (`seed=1`). Nothing is written but the run directory; config.json records a fingerprint of the
-  inputs, so the same call on the same `workdir` resumes, and other data there is refused.
-  """
-  if workdir is None:
-    raise RunError("fit needs a workdir: the run directory to write (and to resume from)")
-  config = _fit_config(config)
-  modalities = dict(data.mod) if hasattr(data, "mod") else data
-  names = list(modalities) if isinstance(modalities, dict) else []
-  for key, value in overrides.items():
-    if isinstance(value, dict) and (key in names or key in config.data.modalities or key not in config):
-      if key not in config.data.modalities:
-        config.data.modalities[key] = config_lib.modality()
-      config.data.modalities[key].update(value)
-    elif isinstance(value, dict):
-      config[key].update(value)
-    else:
-      config[key] = value
-  if isinstance(modalities, ad.AnnData):  # One AnnData holds every configured modality.
-    modalities = {name: data for name in config.data.modalities}
-  if not isinstance(modalities, dict):
-    raise RunError(f"fit takes a MuData, a dict of AnnData or one AnnData, got {type(data).__name__}")
-  for name in modalities:
-    if name not in config.data.modalities:
-      config.data.modalities[name] = config_lib.modality()
-  missing = [n for n in config.data.modalities if n not in modalities]
-  if missing:
-    raise RunError(f"the config has modalities {missing} that the data lacks (it has {list(modalities)}); give "
-                   f"them, or remove them from the config")
-  config.data.fingerprint = fingerprint(modalities)
-  workdir = pathlib.Path(workdir)
-  try:
-    trainer.train_and_evaluate(config, workdir, inputs=modalities)
-  except trainer.TrainingError as e:
-    saved = workdir / "config.json"
-    if "different config" in str(e) and saved.is_file():
-      previous = json.loads(saved.read_text()).get("data", {}).get("fingerprint", "")
-      if previous != config.data.fingerprint:
-        raise RunError(f"{workdir} holds a run trained on other data (fingerprint {previous or 'none: files'}, "
-                       f"these inputs {config.data.fingerprint}); use a new workdir for them") from e
-    raise
-  return load(workdir)
-
-
-def _fit_config(config) -> ml_collections.ConfigDict:
-  if config is None:
-    out = config_lib.get_config()
-    out.data.modalities = ml_collections.ConfigDict()
-    return out
-  if isinstance(config, ml_collections.ConfigDict):
-    return copy.deepcopy(config)
-  path, argument = config_lib.split_spec(str(config))
-  return config_lib.load_module(path).get_config(*argument)
-
-
-def fingerprint(modalities: dict) -> str:
-  """A short hash of every input's shape, obs and var names, X, layers and obsm (what makes two calls the
-  same data)."""
-  digest = hashlib.sha256()
-  for name in sorted(modalities):
-    adata = modalities[name]
-    digest.update(f"{name}:{adata.shape}".encode())
-    for names in (adata.obs_names, adata.var_names):
-      digest.update("\0".join(map(str, names)).encode())
-    matrix = adata.X
-    if sp.issparse(matrix):
-      matrix = matrix.tocsr()
-      for part in (matrix.indptr, matrix.indices, matrix.data):
-        digest.update(np.ascontiguousarray(part).tobytes())
-    elif matrix is not None:
-      digest.update(np.ascontiguousarray(np.asarray(matrix)).tobytes())
-    for group in (adata.layers, adata.obsm):
-      for key in sorted(group):
-        value = group[key]
-        value = value.data if sp.issparse(value) else np.asarray(value.to_numpy() if hasattr(value, "to_numpy")
-                                                                  else value)
-        if value.dtype == object:  # Bytes of an object array are pointers: hash the values' text instead.
-          value = value.astype(str)
-        digest.update(key.encode())
-        digest.update(np.ascontiguousarray(value).tobytes())
-  return digest.hexdigest()[:16]
-
-
 def load(workdir) -> "Run":
-  """The final model of the finished run in `workdir` (the checkpoint its summary.json names) and its
-  preprocessing, on all local devices."""
-  workdir = pathlib.Path(workdir)
-  for name in ("summary.json", "config.json"):
-    if not (workdir / name).is_file():
-      raise RunError(f"{workdir}: no finished run there (no {name}); point load() at the --workdir of a run that "
-                     f"completed, or finish it with `python -m clue_jax.train --config=... --workdir={workdir}`")
-  config = ml_collections.ConfigDict(json.loads((workdir / "config.json").read_text()))
-  ckpts, epoch, from_best, saved = trainer.finished_run(workdir, config)
+  """The final model of the finished run in `workdir` and its preprocessing, on all local devices.
+
+  Args:
+    workdir: the `--workdir` of a finished training run (or of `clue_jax.fit`).
+
+  Returns:
+    A `Run` at the checkpoint its summary.json names. Raises `RunError` when `workdir` holds no finished run.
+  """
   try:
-    manager = ckpts.best if from_best else ckpts.latest
-    dims = encoder_input_dims(manager.item_metadata(epoch)["state"], saved["features"], config.model.encoder_depth)
-    model = saved_model(config, saved, dims)
+    finished = run_dir.finished(workdir)
+  except NoFinishedRun as e:
+    raise RunError(f"{e}; point load() at the --workdir of a run that completed, or finish it with "
+                   f"`python -m clue_jax.train --config=... --workdir={workdir}`") from e
+  try:
+    model = finished.saved.meta.model.build()
     mesh = parallel.make_mesh()
-    example = example_batch(model)
-    optimizer = config.train.get("optimizer", "rmsprop")  # Runs from before train.optimizer used RMSprop.
-    shapes = jax.eval_shape(lambda: steps.init_state(model, jax.random.key(0), example, optimizer))
-    state = ckpts.restore_state(epoch, checkpoint.abstract(shapes, parallel.replicated(mesh)), from_best)
+    optimizer = finished.config.train.get("optimizer", "rmsprop")  # Runs from before train.optimizer: RMSprop.
+    shapes = jax.eval_shape(lambda: steps.init_state(model, jax.random.key(0), optimizer))
+    state = finished.restore_state(checkpoint.abstract(shapes, parallel.replicated(mesh)))
   finally:
-    ckpts.close()
-  return Run(workdir, config, saved, model, state, mesh, epoch)
-
-
-def encoder_input_dims(state_metadata, features: dict, encoder_depth: int) -> dict:
-  """Each modality's encoder input width, read from the shape of its first layer in the checkpoint."""
-  first = ("HiddenBlock_0", "Linear_0") if encoder_depth else ("loc",)
-  dims = {}
-  for name in features:
-    node = state_metadata["params"][f"encoders_{name}"]["subspaces"]
-    for key in first:
-      node = node[key]
-    dims[name] = int(node["kernel"].shape[-2])
-  return dims
-
-
-def saved_model(config, saved: dict, input_dims: dict) -> CLUE:
-  """The CLUE module of a saved run, as `trainer.model_from` builds it from the training data (every `model.*`
-  key that is a CLUE field is passed on)."""
-  specs = []
-  for name, features in saved["features"].items():
-    spec = config.data.modalities[name]
-    specs.append(ModalitySpec(name, input_dims[name], len(features), len(saved["batch_categories"][name]),
-                              spec.likelihood, normalize_input=spec.rep == "none" and spec.likelihood == "NB"))
-  has_labels = any(config.data.modalities[n].label_key for n in saved["features"])
-  return trainer.clue_module(specs, config.model, len(saved["label_categories"]) if has_labels else 0)
-
-
-def example_batch(model: CLUE) -> dict:
-  """One row of zeros per modality, enough to build the variables' shapes."""
-  batch = {}
-  for s in model.specs:
-    batch[s.name] = {"counts": np.zeros((1, s.n_features), np.float32), "batch": np.zeros(1, np.int32)}
-    if not s.normalize_input:
-      batch[s.name]["rep"] = np.zeros((1, s.input_dim), np.float32)
-  return batch
+    finished.close()
+  return Run(finished.workdir, finished.config, finished.saved, model, state, mesh)
 
 
 class Run:
-  """A trained model with its preprocessing; see the module docstring."""
+  """A trained model with its preprocessing (`load` makes one); see the module docstring.
 
-  def __init__(self, workdir, config, saved: dict, model: CLUE, state, mesh, epoch: int):
-    self.workdir, self.config, self.saved, self.model, self.state = workdir, config, saved, model, state
-    self.mesh, self.epoch = mesh, epoch
-    self.specs = {s.name: s for s in model.specs}
+  Attributes:
+    workdir: the run directory. config: its config. model: the `CLUE` module. state: the train state of the final
+    model. epoch: the epoch of that model. modalities: the modality names, in subspace order.
+  """
+
+  def __init__(self, workdir, config, saved: run_dir.SavedEpoch, model: CLUE, state, mesh):
+    self.workdir, self.config, self.model, self.state, self.epoch = workdir, config, model, state, saved.epoch
+    self._saved, self._mesh = saved, mesh
+    self._specs = {s.name: s for s in model.specs}
     self._compiled = {}
-    self._median_library = {}
+    self._median_cache = {}
 
   def __repr__(self):
     return f"Run({str(self.workdir)!r}, epoch {self.epoch}, modalities {list(self.modalities)})"
@@ -215,10 +92,11 @@ class Run:
 
   def features(self, modality: str) -> pd.Index:
     """The modality's decoder features, in the model's order."""
-    return pd.Index(self.saved["features"][self.check_modality(modality)])
+    return pd.Index(self._saved.meta.features[self._check_modality(modality)])
 
   def batch_categories(self, modality: str) -> tuple:
-    return tuple(self.saved["batch_categories"][self.check_modality(modality)])
+    """The modality's batch names, in the order of the model's batch indices."""
+    return tuple(self._saved.meta.batch_categories[self._check_modality(modality)])
 
   # ---------------------------------------------------------------------------------------------------- encode
   def encode(self, adata, modality: str | None = None, key_added: str = "X_clue", inplace: bool = False):
@@ -231,9 +109,9 @@ class Run:
     training averages them) into the MuData's `obsm[key_added]`; a new MuData, or with `inplace=True` the given one.
     """
     if modality is None:
-      return self.encode_mudata(adata, key_added, inplace)
-    cells = self.modality_data(adata, modality, written=inplace)
-    embedding = self.embed(cells, modality)
+      return self._encode_mudata(adata, key_added, inplace)
+    cells = self._modality_data(adata, modality, written=inplace)
+    embedding = self._embed(cells, modality)
     if inplace:
       cells.obsm[key_added] = embedding
       return None
@@ -241,7 +119,7 @@ class Run:
     out.obsm[key_added] = embedding
     return out
 
-  def encode_mudata(self, mdata, key_added: str, inplace: bool):
+  def _encode_mudata(self, mdata, key_added: str, inplace: bool):
     if not hasattr(mdata, "mod"):
       raise RunError(f"encode() without a modality encodes a MuData; for one {type(mdata).__name__} name its "
                      f"modality, e.g. encode(adata, {self.modalities[0]!r})")
@@ -251,14 +129,14 @@ class Run:
                      f"{list(mdata.mod)})")
     encoded = {m: self.encode(mdata, m, key_added, inplace) for m in present}
     if inplace:
-      mdata.obsm[key_added] = self.joint(mdata, {m: self.modality_data(mdata, m) for m in present}, key_added)
+      mdata.obsm[key_added] = self._joint(mdata, {m: self._modality_data(mdata, m) for m in present}, key_added)
       return None
     out = mudata.MuData({self.config.data.modalities[m].mod_key or m: e for m, e in encoded.items()})
-    out.obsm[key_added] = self.joint(out, {m: self.modality_data(out, m) for m in present}, key_added)
+    out.obsm[key_added] = self._joint(out, {m: self._modality_data(out, m) for m in present}, key_added)
     return out
 
   @staticmethod
-  def joint(mdata, cells: dict, key: str) -> np.ndarray:
+  def _joint(mdata, cells: dict, key: str) -> np.ndarray:
     """(mdata's cells, dims): the mean of `cells[m].obsm[key]` over the modalities each cell is in (NaN for cells
     in none of them)."""
     total, count = 0.0, np.zeros(mdata.n_obs)
@@ -273,10 +151,16 @@ class Run:
     with np.errstate(invalid="ignore"):
       return (total / count[:, None]).astype(np.float32)
 
-  def embed(self, cells: ad.AnnData, modality: str) -> np.ndarray:
-    rep, counts = self.encoder_inputs(cells, modality, with_library=False)
-    fn = self.compiled(("encode", modality), lambda: steps.make_encode(self.model, modality))
-    return self.in_chunks(fn, rep, counts)
+  def _embed(self, cells: ad.AnnData, modality: str) -> np.ndarray:
+    rep, counts = self._encoder_inputs(cells, modality, with_library=False)
+    fn = self._compiled_fn(("encode", modality), lambda: steps.make_encode(self.model, modality))
+    return self._in_chunks(fn, rep, counts)
+
+  def representation(self, adata, modality: str):
+    """The encoder input of `modality`'s cells as this run computes it: its PCA / LSI re-applied (or the configured
+    obsm representation), as a (cells, dims) float32 array; None for a modality whose encoder reads the counts."""
+    rep, _ = self._encoder_inputs(self._modality_data(adata, modality), modality, with_library=False)
+    return rep
 
   # --------------------------------------------------------------------------------------------------- predict
   def predict(self, adata, source: str, target: str, batch: str | None = None, normalized=False,
@@ -295,38 +179,38 @@ class Run:
     library_size: NB targets: a number or one per cell; default: the source encoder's estimate when the source is
     NB, else the target's median total counts over its training cells.
     """
-    source, target = self.check_modality(source), self.check_modality(target)
+    source, target = self._check_modality(source), self._check_modality(target)
     if source == target:
       raise RunError(f"source and target are both {source!r}; predict() translates between two modalities")
-    scale = self.check_scale(normalized, target)
-    cells = self.modality_data(adata, source)
-    batch_index = self.target_batches(cells, target, batch)
-    nb_target = self.specs[target].likelihood == "NB"
-    from_source = nb_target and library_size is None and self.specs[source].likelihood == "NB"
+    scale = self._check_scale(normalized, target)
+    cells = self._modality_data(adata, source)
+    batch_index = self._target_batches(cells, target, batch)
+    nb_target = self._specs[target].likelihood == "NB"
+    from_source = nb_target and library_size is None and self._specs[source].likelihood == "NB"
     if nb_target and library_size is None and not from_source:
-      library_size = self.median_library(target)
-    library = self.library_sizes(library_size, cells.n_obs, target)
-    rep, counts = self.encoder_inputs(cells, source, with_library=from_source)
-    fn = self.compiled(("predict", source, target, from_source), lambda: prediction.make_predict(
-        self.model, source, target, self.config.model.normalize_u, from_source))
-    values = self.in_chunks(fn, rep, counts, batch_index, library)
-    total = self.median_library(target) if scale == "log1p" else None
+      library_size = self._median_library(target)
+    library = self._library_sizes(library_size, cells.n_obs, target)
+    rep, counts = self._encoder_inputs(cells, source, with_library=from_source)
+    fn = self._compiled_fn(("predict", source, target, from_source), lambda: prediction.make_predict(
+        self.model, source, target, from_source))
+    values = self._in_chunks(fn, rep, counts, batch_index, library)
+    total = self._median_library(target) if scale == "log1p" else None
     out = ad.AnnData(X=prediction.on_scale(values, scale, total), obs=cells.obs.copy(),
                      var=pd.DataFrame(index=self.features(target)))
     out.uns["clue_prediction"] = {"source": source, "target": target, "scale": scale}
     return out
 
-  def check_scale(self, normalized, target: str) -> str:
+  def _check_scale(self, normalized, target: str) -> str:
     scale = {False: "counts", None: "counts", True: "log1p"}.get(normalized, normalized)
     if scale not in prediction.SCALES:
       raise RunError(f"normalized={normalized!r}: use False, 'log1p' (or True) or 'clr'")
-    likelihood = self.specs[target].likelihood
+    likelihood = self._specs[target].likelihood
     if scale != "counts" and likelihood != "NB":
       raise RunError(f"normalized={normalized!r} transforms predicted counts, but {target!r} uses likelihood "
                      f"{likelihood}: its predictions are already on its training data's scale; use normalized=False")
     return scale
 
-  def target_batches(self, cells: ad.AnnData, target: str, batch) -> np.ndarray:
+  def _target_batches(self, cells: ad.AnnData, target: str, batch) -> np.ndarray:
     """The target batch index of every cell (see `predict`)."""
     categories = self.batch_categories(target)
     key = self.config.data.modalities[target].batch_key
@@ -347,12 +231,12 @@ class Run:
                      f"with that batch")
     return codes
 
-  def library_sizes(self, library_size, n: int, target: str) -> np.ndarray:
+  def _library_sizes(self, library_size, n: int, target: str) -> np.ndarray:
     """Per-cell library sizes for an NB target (ones, unused, for other targets or the source's estimate)."""
     if library_size is None:
       return np.ones(n, np.float32)
-    if self.specs[target].likelihood != "NB":
-      raise RunError(f"library_size applies to NB targets; {target!r} uses {self.specs[target].likelihood}")
+    if self._specs[target].likelihood != "NB":
+      raise RunError(f"library_size applies to NB targets; {target!r} uses {self._specs[target].likelihood}")
     sizes = np.asarray(library_size, np.float32)
     sizes = np.full(n, sizes, np.float32) if sizes.ndim == 0 else sizes
     if sizes.shape != (n,) or not (np.isfinite(sizes) & (sizes > 0)).all():
@@ -360,21 +244,21 @@ class Run:
                      f"{sizes.shape}")
     return sizes
 
-  def median_library(self, target: str) -> float:
+  def _median_library(self, target: str) -> float:
     """Median total counts of the target's features over the cells of its training file: saved with the run (runs
     older than that read the training file once)."""
-    if target in self.saved["median_library"]:
-      return self.saved["median_library"][target]
-    if target not in self._median_library:
+    if target in self._saved.meta.median_library:
+      return self._saved.meta.median_library[target]
+    if target not in self._median_cache:
       spec = self.config.data.modalities[target]
-      trained = {"features": self.saved["features"][target], "rep_features": None}
+      trained = {"features": self._saved.meta.features[target], "rep_features": None}
       try:
         raw = data_lib.read_modality(target, spec, self.config.data.count_check, trained)
       except data_lib.DataError as e:
         raise RunError(f"the library size of {target!r} defaults to its median over the training cells, but the "
                        f"training file cannot be read ({e}); pass library_size=<a number>") from e
-      self._median_library[target] = trainer.median_total(data_lib.decoder_counts(raw, target))
-    return self._median_library[target]
+      self._median_cache[target] = data_lib.median_total(data_lib.decoder_counts(raw, target))
+    return self._median_cache[target]
 
   # ----------------------------------------------------------------------------------------------------- match
   def match(self, adata_a, modality_a: str, adata_b, modality_b: str, method: str = "snn", k: int = 1,
@@ -386,15 +270,15 @@ class Run:
     return match_cells(self, adata_a, modality_a, adata_b, modality_b, method, k, batch_key, epsilon, n_iter, top_k)
 
   # ------------------------------------------------------------------------------------------------ plumbing
-  def check_modality(self, modality: str) -> str:
-    if modality not in self.specs:
+  def _check_modality(self, modality: str) -> str:
+    if modality not in self._specs:
       raise RunError(f"unknown modality {modality!r}; this run has {list(self.modalities)}")
     return modality
 
-  def modality_data(self, adata, modality: str, written: bool = False) -> ad.AnnData:
+  def _modality_data(self, adata, modality: str, written: bool = False) -> ad.AnnData:
     """The AnnData of `modality`: `adata` itself, its `.mod` entry for a MuData, or a new one made of its
     `obsm[obsm_key]` for a modality trained from obsm (`written`: refused, nothing could be written there)."""
-    self.check_modality(modality)
+    self._check_modality(modality)
     if hasattr(adata, "mod"):
       key = self.config.data.modalities[modality].mod_key or modality
       if key not in adata.mod:
@@ -410,7 +294,7 @@ class Run:
       adata = data_lib.obsm_modality(adata, modality, spec, f"the {modality!r} cells")
     return adata
 
-  def encoder_inputs(self, cells: ad.AnnData, modality: str, with_library: bool):
+  def _encoder_inputs(self, cells: ad.AnnData, modality: str, with_library: bool):
     """(representation or None, counts CSR) of the cells as the modality's encoder takes them.
 
     The counts layer is read only when the encoder needs it (no representation, LSI, or the library head).
@@ -423,11 +307,11 @@ class Run:
       field = f"data.modalities.{modality}.layer"
       layer = data_lib.as_csr(data_lib.layer_matrix(cells, data_lib.count_layer(spec), where, field))
       data_lib.check_counts(layer, spec.likelihood, where, f"{field}={spec.layer!r}", self.config.data.count_check)
-    features = self.saved["features"][modality]
-    rep_features = self.saved["rep_features"].get(modality)
-    raw = data_lib.RawModality(cells, spec, where, layer, np.asarray(features), rep_features)
-    rep = data_lib.apply_representation(raw, modality, self.saved["preprocess"][modality])
-    expected = self.specs[modality].input_dim
+    fitted = self._saved.fitted
+    features = fitted.features[modality]
+    raw = data_lib.RawModality(cells, spec, where, layer, np.asarray(features), fitted.rep_features.get(modality))
+    rep = data_lib.apply_representation(raw, modality, fitted.preprocess[modality])
+    expected = self._specs[modality].input_dim
     if rep is not None and rep.shape[1] != expected:
       raise RunError(f"{where}: the encoder input has {rep.shape[1]} columns, the model was trained on {expected} "
                      f"(obsm[{spec.rep_key!r}]); give the same representation as in training")
@@ -435,26 +319,17 @@ class Run:
               else sp.csr_matrix((cells.n_obs, len(features)), dtype=np.float32))
     return rep, counts
 
-  def compiled(self, key, make):
+  def _compiled_fn(self, key, make):
     if key not in self._compiled:
       self._compiled[key] = jax.jit(make())
     return self._compiled[key]
 
-  def in_chunks(self, fn, rep, counts: sp.csr_matrix, *per_cell) -> np.ndarray:
-    """fn(state, rep, counts, *per_cell) over padded chunks of rows sharded over the devices, concatenated."""
-    sharding = parallel.batch_sharding(self.mesh)
-    n_dev = self.mesh.devices.size
-    chunk = math.ceil(CHUNK / n_dev) * n_dev
-    n = counts.shape[0]
-    out = []
-    for start in range(0, n, chunk):
-      rows = np.arange(start, min(start + chunk, n))
-      padded = np.concatenate([rows, np.full(chunk - len(rows), rows[0])])
-      args = (None if rep is None else rep[padded], counts[padded].toarray(), *(a[padded] for a in per_cell))
-      out.append(np.asarray(fn(self.state, *parallel.put(args, sharding)))[:len(rows)])
-    if not out:
+  def _in_chunks(self, fn, rep, counts: sp.csr_matrix, *per_cell) -> np.ndarray:
+    """fn(state, rep, counts, *per_cell) over every row (`encoding.in_chunks`)."""
+    if counts.shape[0] == 0:
       raise RunError("no cells given")
-    return np.concatenate(out)
+    return encoding.in_chunks(fn, self.state, self._mesh, np.arange(counts.shape[0]), lambda rows: (
+        None if rep is None else rep[rows], counts[rows].toarray(), *(a[rows] for a in per_cell)))
 
 
 class Ensemble:
@@ -484,12 +359,19 @@ class Ensemble:
   def modalities(self) -> tuple:
     return self.runs[0].modalities
 
-  def modality_data(self, adata, modality: str) -> ad.AnnData:
-    return self.runs[0].modality_data(adata, modality)
+  def _modality_data(self, adata, modality: str) -> ad.AnnData:
+    return self.runs[0]._modality_data(adata, modality)
 
-  def embed(self, cells: ad.AnnData, modality: str) -> np.ndarray:
-    parts = [matching.l2_rows(run.embed(cells, modality)) for run in self.runs]
+  def _embed(self, cells: ad.AnnData, modality: str) -> np.ndarray:
+    parts = [matching.l2_rows(run._embed(cells, modality)) for run in self.runs]
     return (np.hstack(parts) / math.sqrt(len(parts))).astype(np.float32)
+
+  def encode(self, adata, modality: str, key_added: str = "X_clue") -> ad.AnnData:
+    """A new AnnData (obs copied) with the ensemble's embedding of `modality`'s cells in obsm[key_added]."""
+    cells = self._modality_data(adata, modality)
+    out = ad.AnnData(obs=cells.obs.copy())
+    out.obsm[key_added] = self._embed(cells, modality)
+    return out
 
   def match(self, adata_a, modality_a: str, adata_b, modality_b: str, method: str = "snn", k: int = 1,
             batch_key: str | None = None, epsilon: float = 0.01, n_iter: int = 500,
@@ -503,7 +385,7 @@ def match_cells(model, adata_a, modality_a: str, adata_b, modality_b: str, metho
   """`Run.match` for anything with `modality_data` and `embed` (a Run or an Ensemble)."""
   if method not in ("snn", "sinkhorn"):
     raise RunError(f"method={method!r}: use 'snn' or 'sinkhorn'")
-  a, b = model.modality_data(adata_a, modality_a), model.modality_data(adata_b, modality_b)
+  a, b = model._modality_data(adata_a, modality_a), model._modality_data(adata_b, modality_b)
   batches = [None, None]
   if batch_key is not None:
     for i, (cells, name) in enumerate(((a, modality_a), (b, modality_b))):
@@ -511,7 +393,7 @@ def match_cells(model, adata_a, modality_a: str, adata_b, modality_b: str, metho
         raise RunError(f"the {name!r} cells have no obs column {batch_key!r} (batch_key); available: "
                        f"{list(cells.obs.columns)}")
       batches[i] = cells.obs[batch_key].to_numpy()
-  x, y = model.embed(a, modality_a), model.embed(b, modality_b)
+  x, y = model._embed(a, modality_a), model._embed(b, modality_b)
   if method == "snn":
     matrix = matching.snn_matching(x, y, k, *batches)
   else:

@@ -1,7 +1,7 @@
 """Every configuration key of clue_jax and its default, in one place.
 
 The config files in `configs/` start from `get_config()` and change a few fields. Defaults are the reference
-library's (scglue 0.4.1 `SCCLUEModel`, method.md §1.5, §2, §3).
+library's (scglue 0.4.1 `SCCLUEModel`, docs/method.md §1.5, §2, §3).
 """
 
 import copy
@@ -18,7 +18,7 @@ DATASETS = pathlib.Path(__file__).resolve().parent / "datasets"
 LR_SCALING = ("none", "linear", "sqrt")  # train.lr_scaling rules (train/schedule.py: scaled_lr).
 OPTIMIZERS = ("rmsprop", "adam", "lamb")  # train.optimizer update rules (train/steps.py: UPDATE_RULES).
 
-AUTO = -1  # For epoch counts and patiences: use the reference's AUTO formula (method.md §3.2).
+AUTO = -1  # For epoch counts and patiences: use the reference's AUTO formula (docs/method.md §3.2).
 
 
 def modality(path: str = "", likelihood: str = "NB", **overrides) -> ml_collections.ConfigDict:
@@ -39,7 +39,7 @@ def modality(path: str = "", likelihood: str = "NB", **overrides) -> ml_collecti
   # "all", "dispersion" (Seurat-v1 normalised dispersion on log-CP10k), or "total_counts" (ATAC rule).
   config.feature_selection = "dispersion"
   config.n_features = 2000
-  # Encoder input: "pca" / "lsi" fitted on the training cells (method.md §4.1), "obsm" (use `rep_key`), or
+  # Encoder input: "pca" / "lsi" fitted on the training cells (docs/method.md §4.1), "obsm" (use `rep_key`), or
   # "none" (log1p-CP10k of the counts for NB, the raw values otherwise).
   config.rep = "pca"
   config.rep_key = ""  # obsm key when rep == "obsm".
@@ -75,7 +75,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.discriminator_width = 256
   config.model.dropout = 0.2
   config.model.shared_batches = False  # Condition the discriminator on the batch one-hot.
-  config.model.normalize_u = True  # L2-normalise the sampled embeddings (method.md §2).
+  config.model.normalize_u = True  # L2-normalise the sampled embeddings (docs/method.md §2).
   # Ablation: one latent shared by all modalities instead of modality-specific subspaces (same total width).
   config.model.shared_latent = False
   # "bfloat16": mixed precision, bf16 matmul operands with float32 accumulation; parameters, BatchNorm, losses and
@@ -137,7 +137,7 @@ def get_config() -> ml_collections.ConfigDict:
 
 
 def competition_cite(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """The competition's CITE-seq model sizes and weights (method.md §1.5, §2)."""
+  """The competition's CITE-seq model sizes and weights (docs/method.md §1.5, §2)."""
   config.seed = 5
   config.model.latent_dim = 20
   config.model.encoder_width = 512

@@ -4,6 +4,9 @@ named with its path and the fix)."""
 import os
 import pathlib
 
+# The run directory's file that the training loop writes and evaluation reads (train/run_dir.py lists them all).
+CELLS_FILE = "cells.json"
+
 
 class OutputError(RuntimeError):
   """An output cannot be written (full disk, permissions); the message names the path."""

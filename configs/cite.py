@@ -1,6 +1,6 @@
 """CITE-seq (RNA + ADT) on the embedded BMMC starter (600 cells, 1,000 genes + 134 proteins), competition sizes.
 
-The competition's CITE model (method.md §1.5, §2): latent 20 per subspace, 2x512 encoders, 1x128 decoders,
+The competition's CITE model (docs/method.md §1.5, §2): latent 20 per subspace, 2x512 encoders, 1x128 decoders,
 2x128 discriminator, batch-conditioned discriminator, lambda joint-cross 2, cosine 1, adversarial 2; NB on raw
 counts for both modalities; 100-d PCA encoder inputs from the normalised `.X` (log-normalised RNA, CLR ADT),
 fitted on the training cells.

@@ -1,6 +1,6 @@
 """10x Multiome (RNA + ATAC) on the embedded BMMC starter (500 cells, 600 genes + 600 peaks), competition sizes.
 
-The competition's Multiome model (method.md §1.5, §2): latent 50 per subspace, 2x512 encoders, 1x256 decoders,
+The competition's Multiome model (docs/method.md §1.5, §2): latent 50 per subspace, 2x512 encoders, 1x256 decoders,
 1x256 discriminator, batch-conditioned discriminator, lambda KL 0.3, joint-cross 1, cosine 0.02, adversarial 0.02;
 NB on raw counts for both; RNA encoder input a 100-d PCA of the normalised `.X`, ATAC a 100-d LSI of the peak
 counts, both fitted on the training cells. ATAC decoder features: the 30,000 peaks with the most counts.

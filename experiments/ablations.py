@@ -64,7 +64,7 @@ OVERRIDE_LABELS = {
     "model.shared_latent": "shared latent (no modality subspaces)",
 }
 FULL_MODEL = "full model"
-# The paper's ablations of the matching score (method.md §6, a third-party summary, unverified) and our settings.
+# The paper's ablations of the matching score (docs/method.md §6, a third-party summary, unverified) and our settings.
 CLAIMS = (
     ("adversarial loss", -47.3, ("loss.lam_align",)),
     ("latent alignment (cosine/MSE) loss", -16.5, ("loss.lam_cos",)),
@@ -357,8 +357,8 @@ def report(results: list, command: str) -> str:
   lines = setup_lines(results, command)
   for result in results:
     lines += dataset_section(result)
-  source = ("The paper's numbers: method.md §6, a third-party summary of the paper (unverified); \"cross loss\" is "
-            "compared with both of our cross terms.")
+  source = ("The paper's numbers: docs/method.md §6, a third-party summary of the paper (unverified); "
+            "\"cross loss\" is compared with both of our cross terms.")
   lines += ["## Paper vs ours", "", source, ""]
   lines += claims_table(results)
   empty = [r["dataset"] for r in results if not any(row["scores"] for row in r["rows"])]

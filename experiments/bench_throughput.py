@@ -40,7 +40,7 @@ import scipy.sparse as sp
 
 from clue_jax import config as config_lib
 from clue_jax.data import dataset as data_lib, sampler
-from clue_jax.train import parallel, steps, trainer
+from clue_jax.train import parallel, run_dir, steps, trainer
 
 HERE = pathlib.Path(__file__).resolve().parent
 
@@ -95,8 +95,8 @@ class Timers:
   """The compiled train chunk and epoch loop of `config`, each timed on demand (cells/s; compile excluded)."""
 
   def __init__(self, config, epochs: int):
-    self.dataset = dataset = data_lib.load_dataset(config)
-    model = trainer.model_from(config, dataset)
+    self.dataset = dataset = trainer.load_data(config)
+    model = run_dir.model_args(config, dataset).build()
     weights = trainer.loss_weights(config, dataset.names)
     self.mesh = mesh = parallel.make_mesh(config.train.num_devices)
     parallel.check_batch_size(config.train.batch_size, mesh)
@@ -107,10 +107,9 @@ class Timers:
     # An epoch shorter than one dispatch (large batches) is timed as the trainer runs it: one partial chunk.
     self.per_dispatch = min(config.train.steps_per_dispatch, self.n_steps)
     chunk_sharding = parallel.batch_sharding(mesh, 1)
-    example = jax.tree.map(lambda x: x[0], self.chunk_at(rows, 0, 1))
-    self.state = jax.jit(lambda k, b: steps.init_state(model, k, b), out_shardings=parallel.replicated(mesh))(
-        jax.random.key(0), example)
-    self.train_chunk = jax.jit(steps.make_train_chunk(model, weights, True), donate_argnums=0)
+    self.state = jax.jit(lambda k: steps.init_state(model, k), out_shardings=parallel.replicated(mesh))(
+        jax.random.key(0))
+    self.train_chunk = jax.jit(steps.make_train_chunk(model, weights), donate_argnums=0)
     self.inputs = (jax.random.key(1), np.float32(2e-3), np.float32(0.5))
     # XLA's cost analysis counts a scan body once: cost a one-step program.
     one_step = parallel.put(self.chunk_at(rows, 0, 1), chunk_sharding)

@@ -20,7 +20,7 @@ from ml_collections import config_flags
 from absl import app, flags
 
 from clue_jax.data import dataset as data_lib
-from clue_jax.train import schedule
+from clue_jax.train import schedule, trainer
 
 HERE = pathlib.Path(__file__).resolve().parent
 _CONFIG = config_flags.DEFINE_config_file("config", None, "clue_jax config file.", lock_config=True)
@@ -60,7 +60,7 @@ def main(argv):
   config = _CONFIG.value
   out = pathlib.Path(_OUT.value)
   out.mkdir(parents=True, exist_ok=True)
-  dataset = data_lib.load_dataset(config)
+  dataset = trainer.load_data(config)
   mods = export(dataset, out)
   plan = schedule.auto_plan(len(dataset.train_ids), config.train.batch_size, config.train.lr,
                             config.train.max_epochs, config.train.align_burnin, config.train.patience,

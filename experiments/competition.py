@@ -68,7 +68,7 @@ def export_for_reference(workdir: pathlib.Path, names) -> dict:
     out[stage] = {}
     for name in names:
       cells = ad.read_h5ad(workdir / "data" / f"{stage}_{name}.h5ad")
-      rep, _ = pretrained.encoder_inputs(cells, name, with_library=False)
+      rep = pretrained.representation(cells, name)
       exported = ad.AnnData(X=cells[:, pretrained.features(name)].layers["counts"], obs=cells.obs[["batch"]].copy())
       exported.obs["batch"] = exported.obs["batch"].astype("category")
       exported.layers["counts"] = exported.X
@@ -135,7 +135,7 @@ def test_embeddings(workdir: pathlib.Path, names, method: str, stage: str = "fin
   out = {}
   for name, (rows, batch) in cells.items():
     adata = ad.read_h5ad(workdir / "data" / f"finetune_{name}.h5ad")[rows]
-    out[name] = (fitted.embed(adata, name), batch)
+    out[name] = (fitted.encode(adata, name).obsm["X_clue"], batch)
   return out
 
 
@@ -168,7 +168,7 @@ def main(argv):
     for seed in seeds:
       config = config_lib.apply_overrides(module.get_config(), {"seed": seed, "train.progress": False})
       workdir = out / technology / f"seed_{seed}"
-      names = data_lib.modality_order(config)
+      names = data_lib.modality_order(config.data)
       scores = recipe.run(config, comp, workdir)
       row = {"baseline": {f"{k} SNN": v.get("baseline") for k, v in scores["match_modality"].items()},
              "clue_jax": match_scores(test_embeddings(workdir, names, "clue_jax"), names, comp),

@@ -63,7 +63,7 @@ def main(argv):
     dirs = seed_dirs(technology)
     if not dirs:
       raise SystemExit(f"no finished seed_* runs of {technology} under {_ROOTS.value}; run experiments/competition.py")
-    names = data_lib.modality_order(module.get_config())
+    names = data_lib.modality_order(module.get_config().data)
     cells, files = task_data.test_cells(comp.match_modality, names)
     truth = files["test_sol"].X
     loaded, rows = {}, {}

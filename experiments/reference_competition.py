@@ -5,7 +5,7 @@ experiments/reference_scglue.py for how to build it) and only calls scglue's pub
 SCCLUEModel, adopt_pretrained_model, compile, fit, encode_data); no scglue source is copied here. It imports only
 scglue, torch, anndata, numpy, scipy, pandas, the standard library and the helpers of reference_scglue.py.
 
-The recipe (method.md sections 3.4 and 3.5):
+The recipe (docs/method.md sections 3.4 and 3.5):
   1. pretraining on the paired training cells only: SCCLUEModel(pretrain files, random_seed=seed, **model),
      compile(**compile, lr=pretrain_lr), fit(**pretrain_fit);
   2. transductive fine-tuning: a fresh SCCLUEModel(fine-tune files, random_seed=seed, **model) on train + test cells

@@ -30,7 +30,7 @@ obs["batch"] with the same category list in every modality. Cells with the same 
 paired (use_obs_names=True). PAIRS.tsv: two tab-separated columns, no header: an obs_name of the first --mod and the
 obs_name of its true partner in the second --mod (cells that were trained unpaired, under different names).
 
-Presets (method.md sections 1.5 and 2):
+Presets (docs/method.md sections 1.5 and 2):
   defaults          library defaults: latent_dim 50, 2x256 encoders, decoders and discriminator, dropout 0.2,
                     random_seed 0, default compile() (all lambdas 0.02 except lam_data = lam_kl = 1, lr 2e-3);
                     shared_batches=True, since our modalities share their batches.

@@ -40,22 +40,20 @@ def throughput(n_devices: int, batch_size: int, cells: int, epochs: int) -> floa
   import jax
   import numpy as np
   import bench_throughput
-  from clue_jax.data import dataset as data_lib, sampler
-  from clue_jax.train import parallel, steps, trainer
+  from clue_jax.data import sampler
+  from clue_jax.train import parallel, run_dir, steps, trainer
   with tempfile.TemporaryDirectory() as tmp:
     args = argparse.Namespace(preset="defaults", batch_size=batch_size, devices=n_devices, steps_per_dispatch=8,
                               host_data=False, matmul_dtype="float32")
     config = bench_throughput.bench_config(bench_throughput.synthetic_files(pathlib.Path(tmp), cells), args)
-    dataset = data_lib.load_dataset(config)
-  model = trainer.model_from(config, dataset)
+    dataset = trainer.load_data(config)
+  model = run_dir.model_args(config, dataset).build()
   mesh = parallel.make_mesh(n_devices)
   parallel.check_batch_size(batch_size, mesh)
   rng = np.random.default_rng(0)
   rows = sampler.epoch_rows(dataset.pairing, dataset.train_ids, rng, batch_size, drop_last=True)
   n_steps = len(rows.valid) // batch_size
-  example = jax.tree.map(lambda x: x[0], data_lib.steps_chunk(dataset, rows, 0, 1, batch_size))
-  state = jax.jit(lambda k, b: steps.init_state(model, k, b), out_shardings=parallel.replicated(mesh))(
-      jax.random.key(0), example)
+  state = jax.jit(lambda k: steps.init_state(model, k), out_shardings=parallel.replicated(mesh))(jax.random.key(0))
   run = trainer.make_epoch_runner(config, model, trainer.loss_weights(config, dataset.names), dataset, mesh)
   key = jax.random.key(1)
   state, _ = run(state, rows, n_steps, key, 2e-3, 0.5)

@@ -64,7 +64,7 @@ def main(argv):
   table = {}
   for workdir in _RUNS.value:
     run = api.load(workdir)
-    x, y = run.embed(run.modality_data(gex, "rna"), "rna"), run.embed(run.modality_data(adt, "adt"), "adt")
+    x, y = run.encode(gex, "rna").obsm["X_clue"], run.encode(adt, "adt").obsm["X_clue"]
     bx, by = gex.obs["batch"].to_numpy(), adt.obs["batch"].to_numpy()
     for name, solve in solvers().items():
       for epsilon in EPSILONS:

@@ -106,13 +106,12 @@ def run_reference(args, out: pathlib.Path) -> dict:
   """The reference at its library defaults on the config's exported cells, traced every epoch."""
   import compare_reference
   from clue_jax import config as config_lib
-  from clue_jax.data import dataset as data_lib
-  from clue_jax.train import schedule
+  from clue_jax.train import schedule, trainer
 
   path, arguments = config_lib.split_spec(args.config)
   config = config_lib.load_module(path).get_config(*arguments)
   config.seed = args.seed
-  dataset = data_lib.load_dataset(config)
+  dataset = trainer.load_data(config)
   export = out / "reference_inputs"
   export.mkdir(parents=True, exist_ok=True)
   mods = compare_reference.export(dataset, export)

@@ -1,5 +1,6 @@
 """The notebook API on the session's smoke run (4 fake devices), and the prediction math."""
 
+import dataclasses
 import json
 import pathlib
 import re
@@ -16,6 +17,7 @@ from clue_jax import api
 from clue_jax.data import dataset as data_lib, preprocess
 from clue_jax.evaluate import metrics, prediction
 from clue_jax.evaluate.neighbor_graph import neighbor_graph
+from clue_jax.train import trainer
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 STARTER = ROOT / "clue_jax" / "datasets" / "bmmc_cite_starter"
@@ -53,7 +55,7 @@ def test_encode_reproduces_the_runs_embeddings(run, workdir, cells, modality):
 def test_unseen_cells_encoded_through_the_api_score_as_the_run_reports(run, workdir, smoke_run, cells):
   """The inductive protocol: the validation cells measured in both modalities were never trained on (nor fitted
   on by the preprocessing); encoded afterwards with `encode`, their FOSCTTM is the run's `unseen_foscttm`."""
-  dataset = data_lib.load_dataset(smoke_run[1])
+  dataset = trainer.load_data(smoke_run[1])
   rows = {m: dataset.pairing.rows[m][dataset.val_ids] for m in ("rna", "adt")}
   both = (rows["rna"] >= 0) & (rows["adt"] >= 0)
   assert both.sum() > 20
@@ -140,21 +142,22 @@ def test_predict_nb_mean_is_proportional_to_the_library_size(run, cells):
   np.testing.assert_allclose(once.sum(axis=1), 100.0, rtol=1e-4)
   np.testing.assert_allclose(per_cell, once * (sizes / 100.0)[:, None], rtol=1e-4)
   log1p = run.predict(adt, "adt", "rna", normalized=True).X
-  np.testing.assert_allclose(np.expm1(log1p).sum(axis=1), run.median_library("rna"), rtol=1e-4)
+  np.testing.assert_allclose(np.expm1(log1p).sum(axis=1), run._median_library("rna"), rtol=1e-4)
 
 
 def test_the_default_library_size_is_saved_with_the_run(run):
-  saved = run.saved["median_library"]
+  saved = run._saved.meta.median_library
   assert set(saved) == {"rna", "adt"}  # Both smoke modalities are NB.
   config = ml_collections.ConfigDict(run.config.to_dict())
-  older = api.Run(run.workdir, config, {**run.saved, "median_library": {}}, run.model, run.state, run.mesh, run.epoch)
-  assert older.median_library("rna") == pytest.approx(saved["rna"])  # Runs without it read the training file.
+  without = dataclasses.replace(run._saved, meta=dataclasses.replace(run._saved.meta, median_library={}))
+  older = api.Run(run.workdir, config, without, run.model, run.state, run._mesh)
+  assert older._median_library("rna") == pytest.approx(saved["rna"])  # Runs without it read the training file.
   config.data.modalities.adt.path = "/nonexistent/adt.h5ad"
-  assert run.median_library("adt") == saved["adt"]
-  moved = api.Run(run.workdir, config, run.saved, run.model, run.state, run.mesh, run.epoch)
-  assert moved.median_library("adt") == saved["adt"]  # The training file is not needed.
+  assert run._median_library("adt") == saved["adt"]
+  moved = api.Run(run.workdir, config, run._saved, run.model, run.state, run._mesh)
+  assert moved._median_library("adt") == saved["adt"]  # The training file is not needed.
   with pytest.raises(api.RunError, match="training file cannot be read.*pass library_size"):
-    older.median_library("adt")
+    older._median_library("adt")
 
 
 def test_predict_batches(run, cells):
@@ -213,10 +216,10 @@ def test_an_ensemble_of_one_run_matches_as_the_run(run, cells, method):
 def test_an_ensembles_cosine_similarity_is_the_mean_of_its_members():
   rng = np.random.default_rng(0)
   x, y = rng.normal(size=(3, 20, 8)), rng.normal(size=(3, 15, 8))
-  members = [types.SimpleNamespace(modalities=("rna", "adt"), modality_data=lambda a, m: a,
-                                   embed=lambda c, m, i=i: x[i] if m == "rna" else y[i]) for i in range(3)]
+  members = [types.SimpleNamespace(modalities=("rna", "adt"), _modality_data=lambda a, m: a,
+                                   _embed=lambda c, m, i=i: x[i] if m == "rna" else y[i]) for i in range(3)]
   ensemble = api.Ensemble(members)
-  similarity = ensemble.embed(None, "rna") @ ensemble.embed(None, "adt").T
+  similarity = ensemble._embed(None, "rna") @ ensemble._embed(None, "adt").T
   unit = lambda a: a / np.linalg.norm(a, axis=-1, keepdims=True)
   np.testing.assert_allclose(similarity, np.mean(unit(x) @ unit(y).transpose(0, 2, 1), axis=0), atol=1e-6)
 

@@ -5,8 +5,8 @@ import pathlib
 
 PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "clue_jax"
 # Lower number = lower layer; a module may import only from its own layer or below.
-LAYERS = {"outputs": 0, "model": 1, "data": 1, "evaluate": 2, "config": 3, "train": 4, "api": 5,
-          "competition": 6, "sweep": 6}
+LAYERS = {"outputs": 0, "batch": 0, "model": 1, "data": 1, "evaluate": 2, "config": 3, "train": 4, "api": 5,
+          "fitting": 5, "competition": 6, "sweep": 6}
 ENTRY = 7  # Every package's __main__.py: the command line.
 
 
@@ -58,3 +58,12 @@ def test_command_lines_are_thin():
     functions = [n.name for n in tree.body if isinstance(n, ast.FunctionDef)]
     assert len(path.read_text().splitlines()) < 130, path
     assert "main" in functions, path
+
+
+def test_the_api_rebuilds_runs_without_the_trainer():
+  """A finished run is read through train/run_dir.py; the training loop is not imported to use one."""
+  tree = ast.parse((PACKAGE / "api.py").read_text())
+  modules = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+  names = {a.name for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module == "clue_jax.train"
+           for a in n.names}
+  assert "clue_jax.train.trainer" not in modules and "trainer" not in names and "run_dir" in names

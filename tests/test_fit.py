@@ -8,7 +8,7 @@ import pytest
 import scipy.sparse as sp
 
 import clue_jax
-from clue_jax import api
+from clue_jax import api, config as config_lib
 from clue_jax.train import trainer
 from run_helpers import assert_trees_close, load_config, saved_params
 
@@ -69,7 +69,7 @@ def test_fit_on_a_mudata_resumes_continues_and_refuses_other_data(files_run, tmp
   capsys.readouterr()
   clue_jax.fit(cells, config, workdir)
   assert f"Resuming {workdir} from epoch {EPOCHS}." in capsys.readouterr().out
-  run = clue_jax.fit(cells, config, workdir, train={"max_epochs": EPOCHS + 1})
+  run = clue_jax.fit(cells, config, workdir, **{"train.max_epochs": EPOCHS + 1})  # The command line's form.
   continuing = f"Continuing {workdir} from epoch {EPOCHS}, train.max_epochs {EPOCHS} -> {EPOCHS + 1}."
   assert continuing in capsys.readouterr().out
   assert run.epoch <= EPOCHS + 1
@@ -85,6 +85,11 @@ def test_fit_names_what_is_missing(files_run, tmp_path):
   cells = starter(config)
   with pytest.raises(api.RunError, match=r"the config has modalities \['adt'\] that the data lacks"):
     clue_jax.fit({"rna": cells["rna"]}, config, tmp_path)
+  with pytest.raises(config_lib.ConfigError, match=r"unknown config key 'train.max_epoch': did you mean "
+                                                   r"train.max_epochs"):
+    clue_jax.fit(cells, config, tmp_path, **{"train.max_epoch": 5})
+  with pytest.raises(config_lib.ConfigError, match=r"train.max_epochs='5' has type str; expected int"):
+    clue_jax.fit(cells, config, tmp_path, train={"max_epochs": "5"})
   cells["rna"] = cells["rna"].copy()
   del cells["rna"].layers["counts"]
   with pytest.raises(clue_jax.data.dataset.DataError, match=r"the in-memory AnnData of 'rna': no layer 'counts'"):

@@ -1,4 +1,4 @@
-"""The NeurIPS 2021 competition recipe on its task files (method.md §3.5), scored by the official metrics.
+"""The NeurIPS 2021 competition recipe on its task files (docs/method.md §3.5), scored by the official metrics.
 
   python -m clue_jax.competition --config=configs/competition/cite.py --workdir=runs/competition_cite \
       [--config.KEY=VALUE ...] [--match_modality=PREFIX] [--predict_modality=PREFIX] [--joint_embedding=PREFIX]
@@ -35,7 +35,7 @@ from ml_collections import config_flags
 from clue_jax import api, config as config_lib, outputs
 from clue_jax.competition import recipe, task_data
 from clue_jax.data import dataset as data_lib
-from clue_jax.train import trainer
+from clue_jax.train.errors import TrainingError
 
 
 TASKS = ("match_modality", "predict_modality", "joint_embedding")
@@ -92,7 +92,7 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO.
   try:
     scores = recipe.run(flags.FLAGS.config, competition_settings("config"), flags.FLAGS.workdir)
-  except (data_lib.DataError, config_lib.ConfigError, task_data.TaskFileError, trainer.TrainingError,
+  except (data_lib.DataError, config_lib.ConfigError, task_data.TaskFileError, TrainingError,
           api.RunError, outputs.OutputError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(1)

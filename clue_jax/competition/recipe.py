@@ -1,4 +1,4 @@
-"""The NeurIPS 2021 competition recipe (method.md §3.5): the task files staged, pretraining, fine-tuning, and the
+"""The NeurIPS 2021 competition recipe (docs/method.md §3.5): the task files staged, pretraining, fine-tuning, and the
 three tasks scored by the official metrics; `python -m clue_jax.competition` runs it."""
 
 import json
@@ -15,6 +15,7 @@ from clue_jax.competition import task_data, task_files
 from clue_jax.data import dataset as data_lib
 from clue_jax.evaluate import embedding_metrics, metrics, run_report
 from clue_jax.train import trainer
+from clue_jax.train.errors import ConfigMismatch
 
 
 # The competition's normalised scales of each feature type: what predict-modality scores compare against.
@@ -67,8 +68,8 @@ def train_stage(config, workdir: pathlib.Path, init_from=None) -> dict:
   summary, saved = workdir / "summary.json", workdir / "config.json"
   if summary.is_file() and saved.is_file():
     if not config_lib.same_config(json.loads(saved.read_text()), config.to_dict()):
-      raise trainer.TrainingError(f"{workdir} holds a finished run with a different config (see {saved}); use a new "
-                                  f"--workdir")
+      raise ConfigMismatch(workdir, f"{workdir} holds a finished run with a different config (see {saved}); use a "
+                                    f"new --workdir")
     return json.loads(summary.read_text())
   return trainer.train_and_evaluate(config, workdir, init_from=init_from)
 
@@ -76,9 +77,9 @@ def train_stage(config, workdir: pathlib.Path, init_from=None) -> dict:
 def run(config: ml_collections.ConfigDict, competition: ml_collections.ConfigDict, workdir) -> dict:
   """All stages (see the module docstring); returns and writes the scores."""
   workdir = pathlib.Path(workdir)
-  names = data_lib.modality_order(config)
+  names = data_lib.modality_order(config.data)
   if len(names) != 2:
-    raise config_lib.ConfigError(f"data_lib.modality_order={config.data.modality_order!r}: the competition tasks have "
+    raise config_lib.ConfigError(f"data.modality_order={config.data.modality_order!r}: the competition tasks have "
                                  f"two modalities, mod1 then mod2")
   files = task_data.stage_files(competition.match_modality, names, workdir / "data")
   members = ensemble_members(config, competition, workdir)
@@ -210,7 +211,7 @@ def joint_embedding(fitted: api.Run, names, prefix: str, workdir: pathlib.Path) 
   """The six joint-embedding metrics of the mean of both modalities' embeddings of every cell."""
   files = task_data.read_task(prefix, ("mod1", "mod2"))
   mod1, mod2 = files["mod1"], files["mod2"][files["mod1"].obs_names]
-  embedding = (fitted.embed(mod1, names[0]) + fitted.embed(mod2, names[1])) / 2.0
+  embedding = (fitted.encode(mod1, names[0]).obsm["X_clue"] + fitted.encode(mod2, names[1]).obsm["X_clue"]) / 2.0
   path = workdir / "joint_embedding" / "prediction.h5ad"
   write_prediction(path, embedding, mod1.obs_names, [f"clue_{i}" for i in range(embedding.shape[1])],
                    str(mod1.uns.get("dataset_id", "")))

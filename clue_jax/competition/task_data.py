@@ -1,4 +1,4 @@
-"""The two stages' training files of the competition recipe (method.md §3.5), made from match-modality task files.
+"""The two stages' training files of the competition recipe (docs/method.md §3.5), made from match-modality task files.
 
 Pretraining gets the paired training cells: mod2's anonymised rows are put in mod1's order through `train_sol`, and
 cell i is named `train-i` in both modalities. Fine-tuning gets those plus the test cells, which stay unpaired

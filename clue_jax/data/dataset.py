@@ -2,8 +2,9 @@
 
 Each modality's file is read and checked (file, layer, obs columns, count values) before anything is compiled;
 decoder features are chosen; cells are paired across modalities by `obs_names`; the encoder representation (PCA or
-LSI) is fitted on the training cells and kept so that it can be re-applied at inference (method.md §4.1).
-Counts stay sparse (CSR) in memory; `minibatch` densifies only the rows it is asked for.
+LSI) is fitted on the training cells and kept so that it can be re-applied at inference (docs/method.md §4.1).
+Counts stay sparse (CSR) in memory; `minibatch` densifies only the rows it is asked for. This layer reads
+`config.data` and the few values it is given; it knows nothing of the model.
 """
 
 import dataclasses
@@ -18,6 +19,7 @@ import pandas as pd
 import scipy.sparse as sp
 from scipy.special import gammaln
 
+from clue_jax.batch import Batch, ModalityBatch
 from clue_jax.data import preprocess, sampler
 
 COUNT_LIKELIHOODS = ("NB",)
@@ -58,13 +60,44 @@ class Dataset:
   def names(self):
     return tuple(self.modalities)
 
+  def heldout_names(self) -> list:
+    """The cell names (obs_names) of the pairs whose pairing training hid, sorted."""
+    hidden = self.heldout or {}
+    return sorted({str(self.modalities[n].obs.index[r]) for n, rows in hidden.items() for r in rows if r >= 0})
 
-def modality_order(config) -> list:
-  names = list(config.data.modalities.keys())
-  if config.data.modality_order:
-    order = [n.strip() for n in config.data.modality_order.split(",")]
+  def validation_names(self) -> list:
+    """The cell IDs of the validation split (never trained on), sorted."""
+    return sorted(str(i) for i in self.pairing.ids[self.val_ids])
+
+  def fitted(self) -> "Fitted":
+    """What a model trained on this dataset fixes about its data (to read other data as it read this)."""
+    return Fitted(features={n: m.features for n, m in self.modalities.items()},
+                  rep_features={n: m.rep_features for n, m in self.modalities.items() if m.rep_features is not None},
+                  preprocess={n: m.preprocess for n, m in self.modalities.items()},
+                  batch_categories={n: m.batch_categories for n, m in self.modalities.items()},
+                  label_categories=self.label_categories)
+
+
+@dataclasses.dataclass(frozen=True)
+class Fitted:
+  """What a trained model fixes about its data, per modality: decoder features, the features the representation was
+  fitted on, the fitted representation state (`preprocess.state_to_arrays`, {} if none), batch categories; and the
+  label categories."""
+
+  features: dict
+  rep_features: dict
+  preprocess: dict
+  batch_categories: dict
+  label_categories: tuple
+
+
+def modality_order(data) -> list:
+  """The modality names of `data` (a config's `data` group) in subspace order."""
+  names = list(data.modalities.keys())
+  if data.modality_order:
+    order = [n.strip() for n in data.modality_order.split(",")]
     if sorted(order) != sorted(names):
-      raise DataError(f"data.modality_order={config.data.modality_order!r} must list exactly the configured "
+      raise DataError(f"data.modality_order={data.modality_order!r} must list exactly the configured "
                       f"modalities {names}")
     return order
   return names
@@ -406,6 +439,11 @@ def build_modality(name: str, raw: RawModality, state: dict, batch_categories, l
                   log_factorial=row_log_factorials(counts) if spec.likelihood == "NB" else None)
 
 
+def median_total(counts) -> float:
+  """Median total counts per cell: an NB target's default library size at prediction."""
+  return float(np.median(np.asarray(counts.sum(axis=1)).ravel()))
+
+
 def row_log_factorials(counts: sp.csr_matrix) -> np.ndarray:
   """sum_f lgamma(x_f + 1) per row, from the non-zeros only (lgamma(1) = 0)."""
   per_entry = sp.csr_matrix((gammaln(counts.data.astype(np.float64) + 1.0), counts.indices, counts.indptr),
@@ -436,70 +474,79 @@ def multi_modal(pairing: sampler.Pairing, ids: np.ndarray) -> np.ndarray:
   return np.sum([rows[ids] >= 0 for rows in pairing.rows.values()], axis=0) >= 2
 
 
-def load_dataset(config, saved: dict | None = None, new_batches: bool = False, inputs: dict | None = None) -> Dataset:
-  """Reads, checks, pairs, splits and preprocesses every modality of `config.data`.
+def load_dataset(data, seed: int, *, batch_size: int = 1, monitor: str = "val_loss", shared_batches: bool = False,
+                 fitted: Fitted | None = None, new_batches: bool = False, inputs: dict | None = None) -> Dataset:
+  """Reads, checks, pairs, splits and preprocesses every modality of `data` (a config's `data` group).
 
-  `inputs` ({modality: AnnData}, e.g. from `clue_jax.fit`) replaces reading the files of the modalities it names.
+  Args:
+    data: the `data` group of a config.
+    seed: the run's seed (the held-out pairs, the split and the representation's fit draw from it).
+    batch_size: the training batch size (`train.batch_size`): the split must hold at least one batch.
+    monitor: `train.monitor`; "heldout_foscttm" and "unseen_foscttm" need held-out pairs / paired validation cells.
+    shared_batches: `model.shared_batches`: every modality must then have the same batch categories.
+    fitted: the features, fitted preprocessing and categories of a trained model, used instead of choosing and
+      fitting them anew; the data's features are matched to it by name.
+    new_batches: with `fitted` (fine-tuning), append batch categories the model never saw, in sorted order, instead
+      of refusing them.
+    inputs: {modality: AnnData} in memory (e.g. from `clue_jax.fit`) instead of the files of those modalities.
 
-  `saved` (from a checkpoint) supplies the features, fitted preprocessing and categories of a trained model instead
-  of choosing and fitting them anew; the data's features are matched to it by name. `new_batches` (fine-tuning)
-  appends batch categories the saved model never saw, in sorted order, instead of refusing them.
+  Returns:
+    The `Dataset`. Raises `DataError` naming the file, the field and the fix for bad input.
   """
-  names = modality_order(config)
+  names = modality_order(data)
   if len(names) < 2:
     raise DataError(f"CLUE needs at least two modalities; data.modalities has {names}")
   raws = {}
   for name in names:
-    trained = None if saved is None else {"features": saved["features"][name],
-                                          "rep_features": saved["rep_features"].get(name)}
-    raws[name] = read_modality(name, config.data.modalities[name], config.data.count_check, trained,
-                               (inputs or {}).get(name))
-  pairing = sampler.pair_cells({n: r.adata.obs_names for n, r in raws.items()}, config.data.pair_by)
-  check_pairs(pairing, raws, config.data.pair_by)
-  rng = np.random.default_rng([config.seed, 1])
+    trained = None if fitted is None else {"features": fitted.features[name],
+                                           "rep_features": fitted.rep_features.get(name)}
+    raws[name] = read_modality(name, data.modalities[name], data.count_check, trained, (inputs or {}).get(name))
+  pairing = sampler.pair_cells({n: r.adata.obs_names for n, r in raws.items()}, data.pair_by)
+  check_pairs(pairing, raws, data.pair_by)
+  rng = sampler.split_stream(seed)
   heldout = None
-  if config.data.heldout_pairs > 0:
-    pairing, heldout = sampler.hide_pairs(pairing, config.data.heldout_pairs, rng)
-  if heldout is None and config.train.monitor == "heldout_foscttm":
+  if data.heldout_pairs > 0:
+    pairing, heldout = sampler.hide_pairs(pairing, data.heldout_pairs, rng)
+  if heldout is None and monitor == "heldout_foscttm":
     raise DataError(f"train.monitor='heldout_foscttm' needs held-out pairs, but data.heldout_pairs="
-                    f"{config.data.heldout_pairs} hides none of the {len(sampler.paired_ids(pairing))} paired "
+                    f"{data.heldout_pairs} hides none of the {len(sampler.paired_ids(pairing))} paired "
                     f"cells; raise data.heldout_pairs or set --config.train.monitor=val_loss")
-  train_ids, val_ids = sampler.split_ids(len(pairing.ids), config.data.val_split, rng)
-  if config.train.monitor == "unseen_foscttm" and not multi_modal(pairing, val_ids).sum() > 1:
+  train_ids, val_ids = sampler.split_ids(len(pairing.ids), data.val_split, rng)
+  if monitor == "unseen_foscttm" and not multi_modal(pairing, val_ids).sum() > 1:
     raise DataError(f"train.monitor='unseen_foscttm' needs validation cells measured in two modalities, but the "
-                    f"validation split (data.val_split={config.data.val_split}) holds "
+                    f"validation split (data.val_split={data.val_split}) holds "
                     f"{multi_modal(pairing, val_ids).sum()}; raise data.val_split or set "
                     f"--config.train.monitor=val_loss")
-  label_categories = tuple(saved["label_categories"]) if saved else label_categories_of(raws)
+  label_categories = tuple(fitted.label_categories) if fitted else label_categories_of(raws)
   modalities = {}
   for name in names:
     rows = pairing.rows[name][train_ids]
     rows = np.sort(rows[rows >= 0])
-    if saved:
-      state = saved["preprocess"][name]
-      batch_categories = saved["batch_categories"][name]
+    if fitted:
+      state = fitted.preprocess[name]
+      batch_categories = fitted.batch_categories[name]
       if new_batches:
         batch_categories = grown_categories(raws[name], batch_categories)
     else:
       if rows.size == 0:
         raise DataError(f"{raws[name].path}: no cell of modality {name!r} lands in the training split; lower "
                         f"data.val_split or add cells")
-      state, batch_categories = fit_representation(raws[name], name, rows, config.seed), None
+      state, batch_categories = fit_representation(raws[name], name, rows, seed), None
     modalities[name] = build_modality(name, raws[name], state, batch_categories, label_categories)
-  if config.model.shared_batches:
+  if shared_batches:
     lists = {n: m.batch_categories for n, m in modalities.items()}
     if len(set(lists.values())) > 1:
       raise DataError(f"model.shared_batches=True needs the same batch categories in every modality, got {lists}; "
                       f"make the batch columns categorical with identical categories or set "
                       f"--config.model.shared_batches=False")
-  if len(train_ids) < config.train.batch_size:
+  if len(train_ids) < batch_size:
     raise DataError(f"only {len(train_ids)} training cell IDs, fewer than one batch "
-                    f"(train.batch_size={config.train.batch_size}); lower the batch size or data.val_split")
+                    f"(train.batch_size={batch_size}); lower the batch size or data.val_split")
   return Dataset(modalities, pairing, train_ids, val_ids, heldout, label_categories)
 
 
 def steps_chunk(dataset: Dataset, epoch_rows: sampler.EpochRows, first_step: int, n_steps: int,
-                batch_size: int) -> dict:
+                batch_size: int) -> Batch:
   """Dense arrays of shape (n_steps, batch_size, ...) for steps first_step .. first_step + n_steps of an epoch."""
   sl = slice(first_step * batch_size, (first_step + n_steps) * batch_size)
   return minibatch(dataset, {n: r[sl].reshape(n_steps, batch_size) for n, r in epoch_rows.rows.items()},
@@ -507,21 +554,13 @@ def steps_chunk(dataset: Dataset, epoch_rows: sampler.EpochRows, first_step: int
                    epoch_rows.valid[sl].reshape(n_steps, batch_size))
 
 
-def minibatch(dataset: Dataset, rows: dict, masks: dict, valid: np.ndarray) -> dict:
-  """Dense arrays for the given rows of every modality (leading axes as given, e.g. (steps, batch))."""
-  batch = {"valid": valid.astype(np.float32)}
+def minibatch(dataset: Dataset, rows: dict, masks: dict, valid: np.ndarray) -> Batch:
+  """The dense minibatch of the given rows of every modality (leading axes as given, e.g. (steps, batch))."""
+  modalities = {}
   for name, m in dataset.modalities.items():
     r = rows[name]
-    flat = r.reshape(-1)
-    arrays = {
-        "counts": m.counts[flat].toarray().reshape(*r.shape, -1),
-        "batch": m.batch[r],
-        "label": m.label[r],
-        "mask": masks[name].astype(np.float32),
-    }
-    if m.rep is not None:
-      arrays["rep"] = m.rep[r]
-    if m.log_factorial is not None:
-      arrays["log_factorial"] = m.log_factorial[r]
-    batch[name] = arrays
-  return batch
+    modalities[name] = ModalityBatch(
+        counts=m.counts[r.reshape(-1)].toarray().reshape(*r.shape, -1), batch=m.batch[r], label=m.label[r],
+        mask=masks[name].astype(np.float32), rep=None if m.rep is None else m.rep[r],
+        log_factorial=None if m.log_factorial is None else m.log_factorial[r])
+  return Batch(modalities, valid.astype(np.float32))

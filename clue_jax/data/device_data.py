@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import scipy.sparse as sp
 
+from clue_jax.batch import Batch, ModalityBatch
 from clue_jax.data import dataset as data_lib, sampler
 
 
@@ -54,18 +55,16 @@ def epoch_chunks(epoch_rows: sampler.EpochRows, n_steps: int, batch_size: int, s
           for first in range(0, n_steps, steps_per_chunk)]
 
 
-def gather(arrays: dict, indices: dict, n_features: dict) -> dict:
-  """One step's minibatch (the layout of `data_lib.minibatch`) from device-resident arrays and (batch,) indices."""
-  batch = {"valid": indices["valid"]}
+def gather(arrays: dict, indices: dict, n_features: dict) -> Batch:
+  """One step's minibatch, as `data_lib.minibatch` builds it on the host, from device-resident arrays and (batch,)
+  indices."""
+  modalities = {}
   for name, modality in arrays.items():
     rows = indices["rows"][name]
     size = rows.shape[0]
     dense = jnp.zeros((size, n_features[name]), modality["values"].dtype)
     counts = dense.at[jnp.arange(size)[:, None], modality["columns"][rows]].add(modality["values"][rows])
-    out = {"counts": counts, "batch": modality["batch"][rows], "label": modality["label"][rows],
-           "mask": indices["masks"][name]}
-    for key in ("rep", "log_factorial"):
-      if key in modality:
-        out[key] = modality[key][rows]
-    batch[name] = out
-  return batch
+    optional = {key: modality[key][rows] for key in ("rep", "log_factorial") if key in modality}
+    modalities[name] = ModalityBatch(counts=counts, batch=modality["batch"][rows], label=modality["label"][rows],
+                                     mask=indices["masks"][name], **optional)
+  return Batch(modalities, indices["valid"])

@@ -1,6 +1,6 @@
 """Cell IDs across modalities, the train/validation split, held-out pairs and per-epoch minibatch rows.
 
-Pure numpy (method.md §3.3): the dataset is the union of cell IDs; each ID has a row in every modality it was
+Pure numpy (docs/method.md §3.3): the dataset is the union of cell IDs; each ID has a row in every modality it was
 measured in; at every epoch the missing slots are filled with random cells of that modality (mask 0).
 """
 
@@ -60,6 +60,28 @@ def hide_pairs(pairing: Pairing, fraction: float, rng: np.random.Generator):
     rows[name][measured] = -1
   ids = np.concatenate([pairing.ids, np.array(new_ids, dtype=object)])
   return Pairing(ids, rows), heldout
+
+
+# The run's random streams: each purpose draws from its own seed sequence, so that a change to one draw never
+# moves another.
+def split_stream(seed: int) -> np.random.Generator:
+  """The held-out pairs (`hide_pairs`), then the train / validation split (`split_ids`)."""
+  return np.random.default_rng([seed, 1])
+
+
+def train_epoch_stream(seed: int, epoch: int) -> np.random.Generator:
+  """The order and random fills of training epoch `epoch` (`epoch_rows`)."""
+  return np.random.default_rng([seed, epoch, 0])
+
+
+def val_epoch_stream(seed: int, epoch: int) -> np.random.Generator:
+  """The random fills of the validation batches after epoch `epoch`."""
+  return np.random.default_rng([seed, epoch, 1])
+
+
+def eval_cells_stream(seed: int) -> np.random.Generator:
+  """The subset of cell IDs scored during training (`evals.max_cells`)."""
+  return np.random.default_rng([seed, 2])
 
 
 def split_ids(n_ids: int, val_fraction: float, rng: np.random.Generator):

@@ -1,6 +1,7 @@
 """Cell matching between two modalities' embeddings, as the competition's sparse pairing matrix.
 
-Two methods, both on L2-normalised embeddings and only within a batch when batch labels are given (method.md §4.3):
+Two methods, both on L2-normalised embeddings and only within a batch when batch labels are given
+(docs/method.md §4.3):
 * `snn_matching`: shared nearest neighbours. Each cell's neighbourhood is its k nearest cells of its own modality
   (itself included) and its k nearest of the other; a pair scores the Jaccard index of their two neighbourhoods.
   With k = 1 (the competition's) a one-way nearest neighbour scores 1/3 and a mutual one 1.

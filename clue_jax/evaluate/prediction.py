@@ -1,6 +1,6 @@
-"""Cross-modal prediction (method.md §4.4), for every likelihood, NB and batch-conditioned targets included.
+"""Cross-modal prediction (docs/method.md §4.4), for every likelihood, NB and batch-conditioned targets included.
 
-The source cells' posterior means (L2-normalised when the model was trained with `normalize_u`) are cut to the
+The source cells' posterior means (L2-normalised when the model was trained with `model.normalize_u`) are cut to the
 target's subspace and decoded by the target's decoder (evaluation mode) with the given target batch; the prediction
 is the mean of the decoder's distribution. Unlike the reference, the means of ZIN and ZILN include the zero
 inflation, and NB targets take a library size: the source encoder's estimate for the target (an NB source), or one
@@ -33,7 +33,7 @@ def distribution_mean(likelihood: str, params):
   raise ValueError(f"unknown likelihood {likelihood!r}")
 
 
-def make_predict(model: CLUE, source: str, target: str, normalize_u: bool, library_from_source: bool):
+def make_predict(model: CLUE, source: str, target: str, library_from_source: bool):
   """`predict(state, rep, counts, batch_index, library) -> (B, target features)` means.
 
   `rep` / `counts` are the source's encoder inputs; `batch_index` the target batch of each cell; `library` the NB
@@ -46,7 +46,7 @@ def make_predict(model: CLUE, source: str, target: str, normalize_u: bool, libra
     variables = {"params": state.params, "batch_stats": state.batch_stats}
     loc, _, source_library = model.apply(variables, source, rep, counts, False, library_from_source,
                                          method=CLUE.encode)
-    u = losses.l2_normalize(loc) if normalize_u else loc
+    u = losses.l2_normalize(loc) if model.normalize_u else loc
     if library_from_source:
       library = source_library[:, target_index]
     params = model.apply(variables, target, model.subspace(u, target), batch_index,

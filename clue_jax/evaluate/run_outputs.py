@@ -10,6 +10,7 @@ import anndata as ad
 import ml_collections
 import numpy as np
 
+from clue_jax import outputs
 from clue_jax.data import dataset as data_lib, sampler
 
 CONVENTIONAL_LABEL_KEY = "cell_type"  # Used when neither the command nor the config names a label column.
@@ -38,7 +39,7 @@ def load(workdir, finished: bool = True) -> RunOutputs:
                             f"--workdir={workdir}`")
   config = ml_collections.ConfigDict(json.loads((workdir / "config.json").read_text()))
   embeddings, obs = {}, {}
-  for name in data_lib.modality_order(config):
+  for name in data_lib.modality_order(config.data):
     path = workdir / "embeddings" / f"{name}.h5ad"
     if not path.is_file():
       raise RunOutputsError(f"{path} is missing: the run's embeddings are incomplete; run the training command "
@@ -49,7 +50,7 @@ def load(workdir, finished: bool = True) -> RunOutputs:
     if "X_clue" not in adata.obsm:
       raise RunOutputsError(f"{path} has no obsm['X_clue']: it is not a clue_jax embedding file")
     embeddings[name], obs[name] = np.asarray(adata.obsm["X_clue"]), adata.obs
-  return RunOutputs(config, embeddings, obs, read_records(workdir / "metrics.jsonl"), heldout_ids(config, obs))
+  return RunOutputs(config, embeddings, obs, read_records(workdir / "metrics.jsonl"), heldout_ids(workdir, config, obs))
 
 
 def read_records(path: pathlib.Path) -> list:
@@ -58,12 +59,18 @@ def read_records(path: pathlib.Path) -> list:
   return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def heldout_ids(config, obs: dict) -> list:
-  """The cell names of the pairs `data_lib.load_dataset` hid: the same pairing and the same seeded draw."""
+def heldout_ids(workdir: pathlib.Path, config, obs: dict) -> list:
+  """The cell names of the pairs training hid, as the run recorded them in cells.json.
+
+  Runs written before cells.json existed: the same pairing and the same seeded draw as `data_lib.load_dataset`.
+  """
+  cells = workdir / outputs.CELLS_FILE
+  if cells.is_file():
+    return json.loads(cells.read_text())["heldout_pairs"]
   if config.data.heldout_pairs <= 0:
     return []
   pairing = sampler.pair_cells({n: o.index for n, o in obs.items()}, config.data.pair_by)
-  _, hidden = sampler.hide_pairs(pairing, config.data.heldout_pairs, np.random.default_rng([config.seed, 1]))
+  _, hidden = sampler.hide_pairs(pairing, config.data.heldout_pairs, sampler.split_stream(config.seed))
   if hidden is None:
     return []
   names = set()
@@ -79,7 +86,7 @@ def default_keys(config, columns, label_key=None, batch_key=None) -> tuple:
   `label_key` / `batch_key`, else the conventional name when the obs has that column.
   """
   evals = config.get("evals", ml_collections.ConfigDict())
-  specs = [config.data.modalities[n] for n in data_lib.modality_order(config)]
+  specs = [config.data.modalities[n] for n in data_lib.modality_order(config.data)]
 
   def choose(given, eval_key, field, conventional):
     if given is not None:

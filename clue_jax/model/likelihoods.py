@@ -1,4 +1,4 @@
-"""Element-wise log-likelihoods of the decoder distributions (method.md §1.3).
+"""Element-wise log-likelihoods of the decoder distributions (docs/method.md §1.3).
 
 Every function returns log p(x) with the shape of `x`, except the sham `mse` / `rmse` likelihoods, which, like the
 reference, return minus the mean squared (root-mean-squared) error over all elements broadcast to `x`'s shape, so

@@ -1,10 +1,7 @@
-"""CLUE's objectives (method.md §2), written against a bound `CLUE` module; pure math, no devices or files.
+"""CLUE's objectives (docs/method.md §2), written against a bound `CLUE` module; pure math, no devices or files.
 
-A batch is a dict `{modality: {"rep", "counts", "batch", "label", "mask", "log_factorial"}}` of B rows, plus
-`"valid"` (B,); `log_factorial` (NB modalities) is the data constant sum_f lgamma(x_f + 1) of each row, so that the
-step need not evaluate it per element;
-`mask` marks rows where the cell ID really exists in that modality (the others are random fills), `valid` marks
-real rows (padding of evaluation batches is 0). Every mean below runs over valid rows only.
+The minibatch is a `clue_jax.batch.Batch` of B rows (its docstring says what each array holds). Every mean below
+runs over valid rows only.
 """
 
 from typing import NamedTuple
@@ -14,6 +11,7 @@ import jax.numpy as jnp
 import optax
 from jax.scipy.special import gammaln
 
+from clue_jax.batch import Batch
 from clue_jax.model import likelihoods, rng
 from clue_jax.model.network import CLUE
 
@@ -120,46 +118,46 @@ def contrastive_loss(a, b, rows, temperature):
 
 
 def discriminator_inputs(locs, key, noise_scale):
-  """The posterior means plus the burn-in annealing noise a(e) * N(0, I) (method.md §2, term 6)."""
+  """The posterior means plus the burn-in annealing noise a(e) * N(0, I) (docs/method.md §2, term 6)."""
   keys = jax.random.split(key, len(locs))
   return [loc + noise_scale * rng.normal(k, loc.shape, loc.dtype) for loc, k in zip(locs, keys)]
 
 
-def discriminator_cross_entropy(clue: CLUE, batch, vs, train: bool):
+def discriminator_cross_entropy(clue: CLUE, batch: Batch, vs, train: bool):
   """L_dsc: mean over the K * B (valid) rows of CE(Dsc(v_k), k)."""
-  valid = batch["valid"]
+  valid = batch.valid
   total = 0.0
   for k, (name, v) in enumerate(zip(clue.names, vs)):
-    logits = clue.discriminate(v, batch[name]["batch"], train)
+    logits = clue.discriminate(v, batch[name].batch, train)
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.full(v.shape[:1], k))
     total = total + jnp.where(valid > 0, ce, 0.0).sum()
   return total / jnp.maximum(len(vs) * valid.sum(), 1.0)
 
 
-def discriminator_objective(clue: CLUE, batch, key, noise_scale, weights: Weights, train: bool = True):
+def discriminator_objective(clue: CLUE, batch: Batch, key, noise_scale, weights: Weights, train: bool = True):
   """The discriminator step's loss, lambda_align * L_dsc (encoders run without library heads)."""
-  locs = [clue.encode(name, batch[name].get("rep"), batch[name]["counts"], train, with_library=False)[0]
+  locs = [clue.encode(name, batch[name].rep, batch[name].counts, train, with_library=False)[0]
           for name in clue.names]
   dsc = discriminator_cross_entropy(clue, batch, discriminator_inputs(locs, key, noise_scale), train)
   return weights.align * dsc
 
 
-def generator_objective(clue: CLUE, batch, key, noise_scale, weights: Weights, normalize_u: bool = True,
-                        train: bool = True):
-  """L_gen and its terms (method.md §2): self + KL, joint-cross, real-cross, cosine, adversarial, supervised; and,
-  when `weights.contrastive` > 0, the contrastive term."""
-  names, specs = clue.names, {s.name: s for s in clue.specs}
-  valid = batch["valid"]
+def generator_objective(clue: CLUE, batch: Batch, key, noise_scale, weights: Weights, train: bool = True):
+  """L_gen and its terms (docs/method.md §2): self + KL, joint-cross, real-cross, cosine, adversarial, supervised; and,
+  when `weights.contrastive` > 0, the contrastive term. Sampled embeddings are L2-normalised when
+  `clue.normalize_u`."""
+  names, specs, normalize_u = clue.names, {s.name: s for s in clue.specs}, clue.normalize_u
+  valid = batch.valid
   sample_key, noise_key = jax.random.split(key)
   sample_keys = jax.random.split(sample_key, len(names))
   locs, stds, libraries, u = {}, {}, {}, {}
   for name, k in zip(names, sample_keys):
     x = batch[name]
-    locs[name], stds[name], libraries[name] = clue.encode(name, x.get("rep"), x["counts"], train)
+    locs[name], stds[name], libraries[name] = clue.encode(name, x.rep, x.counts, train)
     sample = locs[name] + stds[name] * rng.normal(k, locs[name].shape, locs[name].dtype)
     u[name] = l2_normalize(sample) if normalize_u else sample
 
-  masks = {name: batch[name]["mask"] * valid for name in names}
+  masks = {name: batch[name].mask * valid for name in names}
   mask_total = sum(masks.values())
   joint = sum(masks[n][:, None] * u[n] for n in names) / jnp.maximum(mask_total, 1.0)[:, None]
   if normalize_u:
@@ -181,8 +179,8 @@ def generator_objective(clue: CLUE, batch, key, noise_scale, weights: Weights, n
     libs = [library(source, target) for _, source, _ in passes]
     lib = None if libs[0] is None else jnp.stack(libs)
     rows = jnp.stack([r for _, _, r in passes])
-    params = clue.decode(target, z, x["batch"], lib, train, rows)
-    return reconstruction_nll(specs[target].likelihood, x["counts"], params, rows, x.get("log_factorial"))
+    params = clue.decode(target, z, x.batch, lib, train, rows)
+    return reconstruction_nll(specs[target].likelihood, x.counts, params, rows, x.log_factorial)
 
   terms = {}
   for name in names:
@@ -214,7 +212,7 @@ def generator_objective(clue: CLUE, batch, key, noise_scale, weights: Weights, n
   if clue.n_labels:
     labelled, ce_sum = 0.0, 0.0
     for name, v in zip(names, vs):
-      labels = batch[name]["label"]
+      labels = batch[name].label
       has_label = (labels >= 0) & (valid > 0)
       ce = optax.softmax_cross_entropy_with_integer_labels(clue.classify(v), jnp.maximum(labels, 0))
       ce_sum = ce_sum + jnp.where(has_label, ce, 0.0).sum()

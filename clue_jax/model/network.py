@@ -1,6 +1,6 @@
 """CLUE's Flax (Linen) modules: encoder matrix, cross-linked decoders, modality discriminator, classifier.
 
-Layer by layer as the reference (method.md §1): PyTorch initialisation, activation before BatchNorm, the batch
+Layer by layer as the reference (docs/method.md §1): PyTorch initialisation, activation before BatchNorm, the batch
 one-hot injected at every decoder layer, zero-initialised per-batch heads. Modules are pure: all state lives in the
 `params` and `batch_stats` collections, all randomness in the `dropout` rng stream.
 """
@@ -18,7 +18,7 @@ EPS = 1e-7
 LEAKY_SLOPE = 0.2
 
 LIKELIHOODS = ("NB", "Normal", "ZIN", "ZILN", "Bernoulli", "MSE", "RMSE")
-# Per-feature, per-batch heads of each likelihood (method.md §1.3 table).
+# Per-feature, per-batch heads of each likelihood (docs/method.md §1.3 table).
 HEADS = {
     "NB": ("scale_lin", "bias", "log_theta"),
     "Normal": ("std_lin",),
@@ -354,6 +354,7 @@ class CLUE(nn.Module):
   shared_latent: bool = False
   matmul_dtype: str = "float32"  # "bfloat16": mixed precision (bf16 matmul operands, float32 accumulation).
   library_activation: str = "relu"  # Of the NB library-size heads: "relu" (the reference) or "softplus".
+  normalize_u: bool = True  # L2-normalise the sampled embeddings before decoding (docs/method.md §2).
 
   def setup(self):
     k = len(self.specs)
@@ -398,11 +399,11 @@ class CLUE(nn.Module):
     v = None
     for s in self.specs:
       x = inputs[s.name]
-      loc, _, library = self.encode(s.name, x.get("rep"), x["counts"], train=False)
-      self.decode(s.name, self.subspace(loc, s.name), x["batch"],
+      loc, _, library = self.encode(s.name, x.rep, x.counts, train=False)
+      self.decode(s.name, self.subspace(loc, s.name), x.batch,
                   None if library is None else library[:, 0], train=False)
       v = loc
-    logits = self.discriminate(v, inputs[self.specs[0].name]["batch"], train=False)
+    logits = self.discriminate(v, inputs[self.specs[0].name].batch, train=False)
     if self.n_labels:
       self.classify(v)
     return logits

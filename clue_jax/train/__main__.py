@@ -24,6 +24,7 @@ from ml_collections import config_flags
 from clue_jax import config as config_lib, outputs
 from clue_jax.data import dataset as data_lib
 from clue_jax.train import parallel, trainer
+from clue_jax.train.errors import TrainingError
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file, e.g. configs/cite.py (configs/pbmc.py:competition passes an argument).",
@@ -101,7 +102,7 @@ def main(argv):
     trainer.clean_workdir(workdir)
   try:
     summary = trainer.train_and_evaluate(_CONFIG.value, workdir, init_from=_INIT_FROM.value)
-  except (data_lib.DataError, config_lib.ConfigError, trainer.TrainingError, outputs.OutputError) as e:
+  except (data_lib.DataError, config_lib.ConfigError, TrainingError, outputs.OutputError) as e:
     fail(str(e))
   if parallel.is_main_process():
     print(f"done: {summary['epochs_run']} epochs, restored epoch {summary['restored_epoch']}, "

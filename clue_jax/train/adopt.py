@@ -1,4 +1,4 @@
-"""A finished run's parameters adopted by a model with more batch categories (fine-tuning, method.md §3.4).
+"""A finished run's parameters adopted by a model with more batch categories (fine-tuning, docs/method.md §3.4).
 
 Every array is copied, except the rows that follow the batch categories: those of a batch the finished run knew are
 copied by batch name, and a new batch's rows keep their fresh initialisation, as the reference's transfer of

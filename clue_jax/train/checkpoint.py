@@ -15,6 +15,7 @@ import hashlib
 import pathlib
 import shutil
 import warnings
+from typing import NamedTuple
 
 import jax
 import numpy as np
@@ -32,6 +33,16 @@ class IncompatibleCheckpoint(ValueError):
 
 class DamagedCheckpoint(RuntimeError):
   """A checkpoint step that cannot be read back intact."""
+
+
+class Extras(NamedTuple):
+  """Everything a saved epoch holds beside the train state: the schedule (JSON), the fitted preprocessing (a tree of
+  arrays) and the run's metadata (JSON, `run_dir.RunMeta`)."""
+
+  epoch: int
+  schedule: dict
+  preprocess: dict
+  meta: dict
 
 
 def _remove_unfinished(directory: pathlib.Path):
@@ -124,22 +135,26 @@ class Checkpoints:
   def _manager_for(self, from_best: bool):
     return self.best if from_best else self.latest
 
-  def restore_extras(self, epoch: int, from_best: bool = False):
-    """(schedule, preprocess, meta) of `epoch`: everything but the train state."""
+  def restore_extras(self, epoch: int, from_best: bool = False) -> Extras:
+    """Everything but the train state of `epoch`."""
     manager = self._manager_for(from_best)
     restored = manager.restore(epoch, args=ocp.args.Composite(
         schedule=ocp.args.JsonRestore(), preprocess=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore()))
-    return restored["schedule"], jax.tree.map(np.asarray, restored["preprocess"]), restored["meta"]
+    return Extras(epoch, restored["schedule"], jax.tree.map(np.asarray, restored["preprocess"]), restored["meta"])
 
-  def newest_extras(self):
-    """(epoch, schedule, preprocess, meta) of the newest latest epoch whose extras read back; None without any.
+  def state_metadata(self, epoch: int, from_best: bool = False):
+    """The saved train state's tree of array metadata (shapes, dtypes) of `epoch`, without reading the arrays."""
+    return self._manager_for(from_best).item_metadata(epoch)["state"]
+
+  def newest_extras(self) -> Extras | None:
+    """The extras of the newest latest epoch that reads back; None without any.
 
     DamagedCheckpoint when there are epochs and none reads back.
     """
     errors = []
     for epoch in sorted(self.latest.all_steps(), reverse=True):
       try:
-        return epoch, *self.restore_extras(epoch)
+        return self.restore_extras(epoch)
       except Exception as e:  # Orbax, tensorstore and json raise many types for damaged files.
         errors.append(f"{self.latest.directory / str(epoch)}: {_brief(e)}")
         warnings.warn(f"{errors[-1]}; trying the previous checkpoint", stacklevel=2)
@@ -149,7 +164,7 @@ class Checkpoints:
 
   def check_model_shapes(self, epoch: int, abstract_state, from_best: bool = False):
     """Raises IncompatibleCheckpoint when the saved params / batch_stats differ from `abstract_state`'s."""
-    saved = _named_leaves(self._manager_for(from_best).item_metadata(epoch)["state"])
+    saved = _named_leaves(self.state_metadata(epoch, from_best))
     wanted = _named_leaves(abstract_state)
     differ = [f"{k}: {tuple(saved[k].shape) if k in saved else 'absent'} saved, "
               f"{tuple(wanted[k].shape) if k in wanted else 'absent'} now"
@@ -162,7 +177,7 @@ class Checkpoints:
     """`abstract_state` with every leaf's shape as saved in `epoch`: the restore target of a checkpoint of the same
     kind of model with other sizes (e.g. fewer batch categories, for `clue_jax.train.adopt`)."""
     saved = {_leaf_name(path): leaf for path, leaf in
-             jax.tree_util.tree_leaves_with_path(self._manager_for(from_best).item_metadata(epoch)["state"])}
+             jax.tree_util.tree_leaves_with_path(self.state_metadata(epoch, from_best))}
 
     def with_saved_shape(path, leaf):
       name = _leaf_name(path)

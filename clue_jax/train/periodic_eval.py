@@ -25,7 +25,7 @@ class PeriodicEvaluation:
     pairing = sampler.pair_cells({n: o.index for n, o in obs.items()}, config.data.pair_by)
     ids = np.arange(len(pairing.ids))
     if len(ids) > evals.max_cells:
-      ids = np.sort(np.random.default_rng([config.seed, 2]).choice(ids, evals.max_cells, replace=False))
+      ids = np.sort(sampler.eval_cells_stream(config.seed).choice(ids, evals.max_cells, replace=False))
     self.rows = {n: np.sort(r[ids][r[ids] >= 0]) for n, r in pairing.rows.items()}
     self.obs = {n: obs[n].iloc[self.rows[n]] for n in obs}
     columns = {c for o in obs.values() for c in o.columns}
@@ -34,8 +34,7 @@ class PeriodicEvaluation:
       if key and key not in columns:
         raise config_lib.ConfigError(f"{field}={key!r}: no such obs column in the training data; its columns are "
                          f"{sorted(map(str, columns))}")
-    hidden = dataset.heldout or {}
-    self.heldout_ids = sorted({str(obs[n].index[r]) for n, rows in hidden.items() for r in rows if r >= 0})
+    self.heldout_ids = dataset.heldout_names()
     self.seed = config.seed
 
   def __call__(self, epoch: int, state) -> dict:

@@ -1,4 +1,4 @@
-"""The training schedule (method.md §3.2): AUTO epoch counts, burn-in noise, early stopping, ReduceLROnPlateau.
+"""The training schedule (docs/method.md §3.2): AUTO epoch counts, burn-in noise, early stopping, ReduceLROnPlateau.
 
 Host-side and JSON-serialisable, so that it is checkpointed with the model and a resumed run makes the same
 decisions.

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from clue_jax import batch as batch_lib
 from clue_jax.data import device_data
 from clue_jax.model import losses
 from clue_jax.model.network import CLUE
@@ -50,8 +51,11 @@ def split_params(params):
   return vae, params[DISCRIMINATOR]
 
 
-def init_state(model: CLUE, key, example_batch, optimizer: str = "rmsprop") -> TrainState:
-  variables = model.init(key, example_batch)
+def init_state(model: CLUE, key, optimizer: str = "rmsprop") -> TrainState:
+  """Fresh parameters and optimiser states (their shapes depend only on the model's `ModalitySpec`s)."""
+  example = batch_lib.zeros({s.name: (s.n_features, None if s.normalize_input else s.input_dim)
+                             for s in model.specs})
+  variables = model.init(key, example)
   params = variables["params"]
   vae, dsc = split_params(params)
   transform = UPDATE_RULES[optimizer]()
@@ -63,7 +67,7 @@ def count_params(params) -> int:
   return sum(x.size for x in jax.tree.leaves(params))
 
 
-def make_train_step(model: CLUE, weights: losses.Weights, normalize_u: bool, optimizer: str = "rmsprop"):
+def make_train_step(model: CLUE, weights: losses.Weights, optimizer: str = "rmsprop"):
   """`step(state, batch, key, lr, noise_scale) -> (state, measurements)` for one minibatch."""
   optimizer = UPDATE_RULES[optimizer]()
   dsc_apply = nn.apply(losses.discriminator_objective, model, mutable=["batch_stats"])
@@ -85,7 +89,7 @@ def make_train_step(model: CLUE, weights: losses.Weights, normalize_u: bool, opt
 
     def gen_loss(vae_params):
       variables = {"params": {**vae_params, DISCRIMINATOR: new_dsc}, "batch_stats": batch_stats}
-      (loss, terms), mutated = gen_apply(variables, batch, gen_key, noise_scale, weights, normalize_u,
+      (loss, terms), mutated = gen_apply(variables, batch, gen_key, noise_scale, weights,
                                          rngs={"dropout": gen_dropout})
       return loss, (terms, mutated["batch_stats"])
 
@@ -109,9 +113,9 @@ def make_train_step(model: CLUE, weights: losses.Weights, normalize_u: bool, opt
   return step
 
 
-def make_train_chunk(model: CLUE, weights: losses.Weights, normalize_u: bool, optimizer: str = "rmsprop"):
+def make_train_chunk(model: CLUE, weights: losses.Weights, optimizer: str = "rmsprop"):
   """Runs a chunk of steps (leading axis of every batch array) in one `lax.scan`."""
-  step = make_train_step(model, weights, normalize_u, optimizer)
+  step = make_train_step(model, weights, optimizer)
 
   def chunk(state, batches, key, lr, noise_scale):
     return jax.lax.scan(lambda s, b: step(s, b, key, lr, noise_scale), state, batches)
@@ -119,14 +123,13 @@ def make_train_chunk(model: CLUE, weights: losses.Weights, normalize_u: bool, op
   return chunk
 
 
-def make_device_train_chunk(model: CLUE, weights: losses.Weights, normalize_u: bool, n_features: dict,
-                            optimizer: str = "rmsprop"):
+def make_device_train_chunk(model: CLUE, weights: losses.Weights, n_features: dict, optimizer: str = "rmsprop"):
   """As `make_train_chunk`, with the data on the devices: `chunk(state, arrays, indices, key, lr, noise_scale)`.
 
   `arrays` are `device_data.host_arrays` put on the devices, `indices` one of `device_data.epoch_chunks` put on
   the devices; each step gathers its own minibatch.
   """
-  step = make_train_step(model, weights, normalize_u, optimizer)
+  step = make_train_step(model, weights, optimizer)
 
   def chunk(state, arrays, indices, key, lr, noise_scale):
     def body(s, step_indices):
@@ -137,13 +140,13 @@ def make_device_train_chunk(model: CLUE, weights: losses.Weights, normalize_u: b
   return chunk
 
 
-def make_eval_step(model: CLUE, weights: losses.Weights, normalize_u: bool):
+def make_eval_step(model: CLUE, weights: losses.Weights):
   """Validation loss terms in eval mode (running statistics, no dropout), anneal noise included."""
   gen_apply = nn.apply(losses.generator_objective, model)
 
   def evaluate(state: TrainState, batch, key, noise_scale):
     variables = {"params": state.params, "batch_stats": state.batch_stats}
-    _, terms = gen_apply(variables, batch, key, noise_scale, weights, normalize_u, train=False)
+    _, terms = gen_apply(variables, batch, key, noise_scale, weights, train=False)
     return terms
 
   return evaluate

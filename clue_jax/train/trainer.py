@@ -1,7 +1,7 @@
 """Training loop: owns devices, files and the schedule; the math lives in `model/losses.py` and `train/steps.py`.
 
-`train_and_evaluate(config, workdir)` writes `config.json`, `metrics.jsonl`, `tb/`, `checkpoints/` and
-`embeddings/` under `workdir`, and resumes from the latest checkpoint when the workdir already holds the run.
+`train_and_evaluate(config, workdir)` writes the run directory (`train/run_dir.py` lists its files) and resumes from
+the latest checkpoint when the workdir already holds the run.
 
 Multi-process runs (`parallel.initialize`, `python -m clue_jax.train --num_processes=...`): every process runs this
 same loop on the same files and takes the same host decisions; each one densifies only its share of every batch
@@ -10,7 +10,6 @@ files (config.json, metrics.jsonl, tb/, embeddings/, summary.json, plots/). The 
 every process sees (a shared file system), as Orbax requires for the checkpoints.
 """
 
-import dataclasses
 import json
 import math
 import pathlib
@@ -27,33 +26,20 @@ from clue_jax import config as config_lib, outputs
 from clue_jax.data import dataset as data_lib, device_data, sampler
 from clue_jax.evaluate import metrics
 from clue_jax.model import losses
-from clue_jax.model.network import CLUE, ModalitySpec
-from clue_jax.train import adopt, checkpoint, parallel, periodic_eval, progress, schedule as schedule_lib, steps, writer
-
-ENCODE_CHUNK = 1024
-
-
-class TrainingError(RuntimeError):
-  """Training cannot go on (non-finite loss, incompatible workdir)."""
+from clue_jax.model.network import CLUE
+from clue_jax.train import (adopt, checkpoint, parallel, periodic_eval, progress, run_dir, schedule as schedule_lib,
+                            steps, writer)
+from clue_jax.train.encoding import Encoder
+from clue_jax.train.errors import ConfigMismatch, NoFinishedRun, TrainingError
 
 
 # ------------------------------------------------------------------------------------------------ model setup
-def model_from(config, dataset: data_lib.Dataset) -> CLUE:
-  specs = []
-  for name, m in dataset.modalities.items():
-    spec = config.data.modalities[name]
-    input_dim = m.counts.shape[1] if m.rep is None else m.rep.shape[1]
-    specs.append(ModalitySpec(name, input_dim, m.counts.shape[1], len(m.batch_categories), spec.likelihood,
-                              normalize_input=m.rep is None and spec.likelihood == "NB"))
-  has_labels = any(config.data.modalities[n].label_key for n in dataset.names)
-  return clue_module(specs, config.model, len(dataset.label_categories) if has_labels else 0)
-
-
-def clue_module(specs, model_config, n_labels: int) -> CLUE:
-  """The CLUE module for these modalities: every `model.*` key that is a CLUE field is passed on."""
-  fields = {f.name for f in dataclasses.fields(CLUE)}
-  options = {k: v for k, v in model_config.items() if k in fields}
-  return CLUE(tuple(specs), n_labels=n_labels, **options)
+def load_data(config, fitted: data_lib.Fitted | None = None, new_batches: bool = False,
+              inputs: dict | None = None) -> data_lib.Dataset:
+  """The `Dataset` that `config` trains on (see `data_lib.load_dataset` for the arguments)."""
+  return data_lib.load_dataset(config.data, config.seed, batch_size=config.train.batch_size,
+                               monitor=config.train.monitor, shared_batches=config.model.shared_batches,
+                               fitted=fitted, new_batches=new_batches, inputs=inputs)
 
 
 def loss_weights(config, names) -> losses.Weights:
@@ -65,124 +51,47 @@ def loss_weights(config, names) -> losses.Weights:
                         temperature=lc.temperature)
 
 
-# ------------------------------------------------------------------------------- preprocessing <-> checkpoint
-def preprocess_tree(dataset: data_lib.Dataset) -> dict:
-  """The fitted preprocessing as a pytree of numeric arrays (never empty)."""
-  tree = {"format": np.ones((), np.int32)}
-  for name, m in dataset.modalities.items():
-    if m.preprocess:
-      tree[name] = {k: np.asarray(v) for k, v in m.preprocess.items() if k != "kind"}
-  return tree
-
-
-def run_meta(config, dataset: data_lib.Dataset) -> dict:
-  return {
-      "config": config.to_dict(),
-      "modalities": list(dataset.names),
-      "features": {n: m.features.tolist() for n, m in dataset.modalities.items()},
-      "rep_features": {n: m.rep_features.tolist() for n, m in dataset.modalities.items()
-                       if m.rep_features is not None},
-      "batch_categories": {n: list(m.batch_categories) for n, m in dataset.modalities.items()},
-      "label_categories": list(dataset.label_categories),
-      "preprocess_kind": {n: str(m.preprocess["kind"]) for n, m in dataset.modalities.items() if m.preprocess},
-      "median_library": {n: median_total(m.counts) for n, m in dataset.modalities.items()
-                         if config.data.modalities[n].likelihood == "NB"},
-  }
-
-
-def median_total(counts) -> float:
-  """Median total counts per cell: an NB target's default library size at prediction."""
-  return float(np.median(np.asarray(counts.sum(axis=1)).ravel()))
-
-
-def saved_preprocessing(meta: dict, tree: dict) -> dict:
-  """What `data_lib.load_dataset(saved=...)` needs from a checkpoint."""
-  states = {n: {} for n in meta["modalities"]}
-  for name, kind in meta["preprocess_kind"].items():
-    states[name] = {"kind": np.array(kind), **{k: np.asarray(v) for k, v in tree[name].items()}}
-  return {"preprocess": states, "label_categories": meta["label_categories"],
-          "batch_categories": {n: tuple(c) for n, c in meta["batch_categories"].items()},
-          "features": meta["features"], "rep_features": meta.get("rep_features", {}),
-          "median_library": meta.get("median_library", {})}
-
-
 # ------------------------------------------------------------------------------------------------- workdir
 def prepare_workdir(config, workdir: pathlib.Path, ckpts: checkpoint.Checkpoints):
   """Refuses a workdir holding another run; writes config.json (atomically).
 
-  Returns the newest readable (epoch, schedule, preprocess, meta) of the run being resumed, or None, and the changed
+  Returns the newest readable `run_dir.SavedEpoch` of the run being resumed (or None), and the changed
   `config_lib.BUDGET_KEYS` ({} when none) with which that run goes on.
   """
   try:
-    extras = ckpts.newest_extras()
+    resumed = run_dir.newest_epoch(ckpts)
   except checkpoint.DamagedCheckpoint as e:
     raise TrainingError(f"no checkpoint in {workdir / 'checkpoints' / 'latest'} can be read ({e}); pass --overwrite "
                         f"to start over") from e
   continued = {}
-  if extras is not None and not config_lib.same_config(extras[3]["config"], config.to_dict()):
-    continued = config_lib.budget_changes(extras[3]["config"], config.to_dict())
+  if resumed is not None and not config_lib.same_config(resumed.meta.config, config.to_dict()):
+    continued = config_lib.budget_changes(resumed.meta.config, config.to_dict())
     if continued is None:
-      raise TrainingError(
-          f"{workdir} holds a run with a different config (see {workdir / 'config.json'}); use a new --workdir, pass "
-          f"--overwrite to start over, or --init_from={workdir} with a new --workdir to fine-tune from it (only "
+      raise ConfigMismatch(
+          workdir,
+          f"{workdir} holds a run with a different config (see {workdir / run_dir.CONFIG}); use a new --workdir, "
+          f"pass --overwrite to start over, or --init_from={workdir} with a new --workdir to fine-tune from it (only "
           f"{', '.join(config_lib.BUDGET_KEYS)} may change: the run then goes on from its latest checkpoint)")
   if parallel.is_main_process():
-    outputs.write_atomically(workdir / "config.json", lambda p: p.write_text(config.to_json_best_effort(indent=2)))
-  return extras, continued
+    outputs.write_atomically(workdir / run_dir.CONFIG, lambda p: p.write_text(config.to_json_best_effort(indent=2)))
+  return resumed, continued
 
 
-def finished_run(init_from: pathlib.Path, config):
-  """(checkpoints, epoch, from_best, saved preprocessing) of the final model of the finished run in `init_from`."""
-  summary = init_from / "summary.json"
-  if not summary.is_file():
-    raise TrainingError(f"--init_from={init_from}: no finished run there (no {summary.name}); point it at the "
-                        f"--workdir of a run that completed")
-  epoch = json.loads(summary.read_text())["restored_epoch"]
-  ckpts = checkpoint.Checkpoints(init_from / "checkpoints", config.train.keep_best)
-  from_best = epoch in ckpts.best.all_steps()
-  _, tree, meta = ckpts.restore_extras(epoch, from_best)
-  if meta["modalities"] != data_lib.modality_order(config):
-    raise TrainingError(f"--init_from={init_from}: that run has modalities {meta['modalities']}, this config "
-                        f"{data_lib.modality_order(config)}; fine-tuning needs the same modalities in the same order")
-  return ckpts, epoch, from_best, saved_preprocessing(meta, tree)
+def finished_source(init_from: pathlib.Path, config) -> run_dir.FinishedRun:
+  """The finished run in `init_from` that a new run starts from; it must have this config's modalities."""
+  try:
+    source = run_dir.finished(init_from)
+  except NoFinishedRun as e:
+    raise NoFinishedRun(init_from, f"--init_from={e}; point it at the --workdir of a run that completed") from e
+  order = data_lib.modality_order(config.data)
+  if source.saved.meta.modalities != order:
+    source.close()
+    raise TrainingError(f"--init_from={init_from}: that run has modalities {source.saved.meta.modalities}, this "
+                        f"config {order}; fine-tuning needs the same modalities in the same order")
+  return source
 
 
 # --------------------------------------------------------------------------------------------------- encoding
-class Encoder:
-  """Posterior means of any rows of a modality, in fixed-size padded chunks (compiled once per modality); the same
-  for the estimates of an NB modality's library-size head."""
-
-  def __init__(self, model: CLUE, dataset: data_lib.Dataset, mesh):
-    self.model, self.dataset = model, dataset
-    self.sharding = parallel.batch_sharding(mesh)
-    n_dev = mesh.devices.size
-    self.chunk = math.ceil(ENCODE_CHUNK / n_dev) * n_dev
-    self.part = parallel.process_rows(mesh, self.chunk)  # The rows of each chunk that this process encodes.
-    self.fns = {n: jax.jit(steps.make_encode(model, n)) for n in dataset.names}
-    self.library_fns = {}
-
-  def __call__(self, state, name: str, rows: np.ndarray) -> np.ndarray:
-    return self.in_chunks(self.fns[name], state, name, rows)
-
-  def library_sizes(self, state, name: str, rows: np.ndarray) -> np.ndarray:
-    """(rows, modalities) library sizes that NB modality `name`'s head estimates for every modality's decoder."""
-    if name not in self.library_fns:
-      self.library_fns[name] = jax.jit(steps.make_encode(self.model, name, library=True))
-    return self.in_chunks(self.library_fns[name], state, name, rows)
-
-  def in_chunks(self, fn, state, name: str, rows: np.ndarray) -> np.ndarray:
-    m = self.dataset.modalities[name]
-    out = []
-    for start in range(0, len(rows), self.chunk):
-      r = rows[start:start + self.chunk]
-      padded = np.concatenate([r, np.full(self.chunk - len(r), r[0])])[self.part]
-      counts = m.counts[padded].toarray()
-      rep = None if m.rep is None else m.rep[padded]
-      values = fn(state, parallel.put_local(rep, self.sharding), parallel.put_local(counts, self.sharding))
-      out.append(parallel.fetch(values)[:len(r)])
-    return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
-
-
 def library_heads(encoder: Encoder, state, dataset: data_lib.Dataset) -> dict:
   """{NB modality: {modality: fraction of its cells whose library-size estimate for that modality is > 0}}.
 
@@ -314,20 +223,20 @@ def make_epoch_runner(config, model: CLUE, weights: losses.Weights, dataset: dat
   explicit copy of row indices per epoch); otherwise the host densifies and sends every chunk of steps (with several
   processes, each densifies only the rows its devices hold).
   """
-  normalize_u, per, optimizer = config.model.normalize_u, config.train.steps_per_dispatch, config.train.optimizer
+  per, optimizer = config.train.steps_per_dispatch, config.train.optimizer
   batch_size, replicated = config.train.batch_size, parallel.replicated(mesh)
   chunk_sharding = parallel.batch_sharding(mesh, batch_axis=1)
   if config.train.data_on_device:
     n_features = {n: m.counts.shape[1] for n, m in dataset.modalities.items()}
     arrays = parallel.put(device_data.host_arrays(dataset), replicated)
-    chunk_fn = jax.jit(steps.make_device_train_chunk(model, weights, normalize_u, n_features, optimizer),
+    chunk_fn = jax.jit(steps.make_device_train_chunk(model, weights, n_features, optimizer),
                        donate_argnums=0)
 
     def chunks(rows, n_steps):
       return [(arrays, c) for c in parallel.put(device_data.epoch_chunks(rows, n_steps, batch_size, per),
                                                 chunk_sharding)]
   else:
-    chunk_fn = jax.jit(steps.make_train_chunk(model, weights, normalize_u, optimizer), donate_argnums=0)
+    chunk_fn = jax.jit(steps.make_train_chunk(model, weights, optimizer), donate_argnums=0)
     part = parallel.process_rows(mesh, batch_size)
 
     def chunks(rows, n_steps):
@@ -348,16 +257,23 @@ def make_epoch_runner(config, model: CLUE, weights: losses.Weights, dataset: dat
 
 
 def train_and_evaluate(config, workdir, init_from=None, inputs=None) -> dict:
-  """Trains CLUE as `config` says, writing everything under `workdir`; returns a summary.
+  """Trains CLUE as `config` says, writing everything under `workdir` (`train/run_dir.py`); returns the summary.
 
-  `init_from`: the directory of a finished run; a new run starts from its final parameters and preprocessing.
-  `inputs`: {modality: AnnData} in memory instead of the files of those modalities (`clue_jax.fit`).
+  Args:
+    config: a validated-on-entry config (`clue_jax.config.get_config()` and a config file's changes).
+    workdir: the run directory; a run already there resumes (or goes on with a larger epoch budget).
+    init_from: the directory of a finished run; a new run starts from its final parameters and preprocessing.
+    inputs: {modality: AnnData} in memory instead of the files of those modalities (`clue_jax.fit`).
+
+  Returns:
+    The summary also written to summary.json. Raises `TrainingError` (or a subclass of it) when training cannot go
+    on, `DataError` / `ConfigError` for bad input.
   """
   config_lib.validate(config)
   workdir = pathlib.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   ckpts = checkpoint.Checkpoints(workdir / "checkpoints", config.train.keep_best)
-  extras, continued = prepare_workdir(config, workdir, ckpts)
+  resumed, continued = prepare_workdir(config, workdir, ckpts)
 
   # Mesh (over the devices of every process; process 0 writes the files).
   main = parallel.is_main_process()
@@ -367,14 +283,13 @@ def train_and_evaluate(config, workdir, init_from=None, inputs=None) -> dict:
   batch_sharding = parallel.batch_sharding(mesh)
 
   # Input (with the features and preprocessing of the run being resumed or fine-tuned from, if any).
-  saved, source = None, None
-  if extras is not None:
-    saved = saved_preprocessing(extras[3], extras[2])
-  elif init_from is not None:
-    source = finished_run(pathlib.Path(init_from), config)
-    saved = source[3]
-  dataset = data_lib.load_dataset(config, saved, new_batches=source is not None, inputs=inputs)
-  model = model_from(config, dataset)
+  source = None
+  if resumed is None and init_from is not None:
+    source = finished_source(pathlib.Path(init_from), config)
+  fitted = resumed.fitted if resumed is not None else source.saved.fitted if source is not None else None
+  dataset = load_data(config, fitted, new_batches=source is not None, inputs=inputs)
+  args = run_dir.model_args(config, dataset)
+  model = args.build()
   weights = loss_weights(config, dataset.names)
   batch_size = config.train.batch_size
   lr = schedule_lib.scaled_lr(config.train.lr, batch_size, config.train.lr_scaling)
@@ -382,45 +297,42 @@ def train_and_evaluate(config, workdir, init_from=None, inputs=None) -> dict:
                                 config.train.align_burnin, config.train.patience,
                                 config.train.reduce_lr_patience, config.train.auto_epoch_cap)
 
-  # Shapes and sharded initialisation.
-  root_key = jax.random.key(config.seed)
-  init_key, step_key, eval_key = jax.random.split(root_key, 3)
-  rows0 = sampler.epoch_rows(dataset.pairing, dataset.train_ids, np.random.default_rng([config.seed, 0]),
-                             batch_size, drop_last=True)
-  example = jax.tree.map(lambda x: x[0], data_lib.steps_chunk(dataset, rows0, 0, 1, batch_size))
+  # Sharded initialisation.
+  init_key, step_key, eval_key = jax.random.split(jax.random.key(config.seed), 3)
   optimizer = config.train.optimizer
-  init = jax.jit(lambda key, batch: steps.init_state(model, key, batch, optimizer), out_shardings=state_sharding)
-  abstract_state = jax.eval_shape(lambda: steps.init_state(model, init_key, example, optimizer))
-  abstract_state = checkpoint.abstract(abstract_state, state_sharding)
+  init = jax.jit(lambda key: steps.init_state(model, key, optimizer), out_shardings=state_sharding)
+  abstract_state = checkpoint.abstract(jax.eval_shape(init, init_key), state_sharding)
 
   # Resume, or start (from a finished run's parameters with --init_from).
-  if extras is not None:
-    latest, state = resume_state(ckpts, abstract_state, workdir)
-    schedule = schedule_lib.Schedule.from_json(ckpts.restore_extras(latest)[0])
-    ckpts.drop_best_after(latest)
+  if resumed is not None:
+    restored_epoch, state = resume_state(ckpts, abstract_state, workdir)
+    if restored_epoch != resumed.epoch:  # The newest state was damaged and set aside: an older epoch's schedule.
+      resumed = run_dir.saved_epoch(ckpts, ckpts.restore_extras(restored_epoch))
+    schedule = schedule_lib.Schedule.from_json(resumed.schedule)
+    ckpts.drop_best_after(resumed.epoch)
     if continued:
       schedule.go_on_with(plan)
     if main:
-      writer.truncate_after(workdir / "metrics.jsonl", latest)
+      writer.truncate_after(workdir / "metrics.jsonl", resumed.epoch)
       changes = "".join(f", {k} {old} -> {new}" for k, (old, new) in continued.items())
-      print(f"{'Continuing' if continued else 'Resuming'} {workdir} from epoch {latest}{changes}.", flush=True)
+      print(f"{'Continuing' if continued else 'Resuming'} {workdir} from epoch {resumed.epoch}{changes}.", flush=True)
   else:
-    state = init(init_key, example)
+    state = init(init_key)
     if source is not None:
       state = state.replace(**adopted_model(source, state, abstract_state, init_from, dataset, config))
       if main:
-        print(f"Starting from the parameters of {init_from} (epoch {source[1]}).", flush=True)
+        print(f"Starting from the parameters of {init_from} (epoch {source.saved.epoch}).", flush=True)
     schedule = schedule_lib.Schedule(plan=plan, lr=lr)
     if main:
       writer.truncate_after(workdir / "metrics.jsonl", 0)
+  run_dir.write_cells(workdir, dataset)
 
   # Steps.
-  normalize_u = config.model.normalize_u
   train_epoch = make_epoch_runner(config, model, weights, dataset, mesh)
-  eval_fn = jax.jit(steps.make_eval_step(model, weights, normalize_u))
+  eval_fn = jax.jit(steps.make_eval_step(model, weights))
   encoder = Encoder(model, dataset, mesh)
   evaluations = periodic_eval.PeriodicEvaluation(config, dataset, encoder)
-  meta, tree = run_meta(config, dataset), preprocess_tree(dataset)
+  meta, tree = run_dir.run_meta(config, dataset, args).to_json(), run_dir.preprocess_tree(dataset)
   metric_writer = writer.MetricWriter(workdir, enabled=main)
   bar = progress.ProgressBar(schedule.plan.max_epochs, enabled=config.train.progress and main)
   n_params = steps.count_params(state.params)
@@ -431,7 +343,7 @@ def train_and_evaluate(config, workdir, init_from=None, inputs=None) -> dict:
     epoch = schedule.epoch + 1
     started = time.time()
     noise = schedule_lib.noise_scale(epoch, schedule.plan.align_burnin)
-    rows = sampler.epoch_rows(dataset.pairing, dataset.train_ids, np.random.default_rng([config.seed, epoch, 0]),
+    rows = sampler.epoch_rows(dataset.pairing, dataset.train_ids, sampler.train_epoch_stream(config.seed, epoch),
                               batch_size, drop_last=True)
     n_steps = len(rows.valid) // batch_size
     lr = schedule.lr * schedule_lib.warmup_factor(epoch, config.train.warmup_epochs)
@@ -451,12 +363,12 @@ def train_and_evaluate(config, workdir, init_from=None, inputs=None) -> dict:
           f"data.")
 
     record = {"epoch": epoch, "step": int(state.step), "lr": lr, "noise_scale": noise}
-    if continued and epoch == latest + 1:
-      record["continued"] = continued  # The budget keys changed when the run went on from its epoch `latest`.
+    if continued and epoch == resumed.epoch + 1:
+      record["continued"] = continued  # The budget keys changed when the run went on from the resumed epoch.
     record.update({f"train/loss_{k}": v for k, v in train_terms.items()})
     if len(dataset.val_ids):
-      val_rows = sampler.epoch_rows(dataset.pairing, dataset.val_ids,
-                                    np.random.default_rng([config.seed, epoch, 1]), batch_size, drop_last=False)
+      val_rows = sampler.epoch_rows(dataset.pairing, dataset.val_ids, sampler.val_epoch_stream(config.seed, epoch),
+                                    batch_size, drop_last=False)
       val_terms = validate(eval_fn, state, dataset, val_rows, batch_size, jax.random.fold_in(eval_key, epoch),
                            np.float32(noise), batch_sharding)
       record.update({f"val/loss_{k}": v for k, v in val_terms.items()})
@@ -482,7 +394,7 @@ def train_and_evaluate(config, workdir, init_from=None, inputs=None) -> dict:
   bar.close()
   metric_writer.close()
 
-  # Final model: the most recent of the best checkpoints (method.md §3.2), else the last epoch.
+  # Final model: the most recent of the best checkpoints (docs/method.md §3.2), else the last epoch.
   final_epoch = schedule.epoch
   try:
     best = ckpts.restore_newest(abstract_state, from_best=True)
@@ -499,10 +411,10 @@ def train_and_evaluate(config, workdir, init_from=None, inputs=None) -> dict:
              "library_heads": library_heads(encoder, state, dataset),
              "embeddings": {k: list(v) for k, v in shapes.items()}}
   if continued:
-    summary["continued"] = {"from_epoch": latest, "changes": continued}
+    summary["continued"] = {"from_epoch": resumed.epoch, "changes": continued}
   if main:
     summary["plots"] = periodic_eval.final_plots(workdir, config)
-    outputs.write_atomically(workdir / "summary.json", lambda p: p.write_text(json.dumps(summary, indent=2)))
+    outputs.write_atomically(workdir / run_dir.SUMMARY, lambda p: p.write_text(json.dumps(summary, indent=2)))
   ckpts.close()
   return summary
 
@@ -518,23 +430,25 @@ def resume_state(ckpts: checkpoint.Checkpoints, abstract_state, workdir: pathlib
                         f"--workdir or pass --overwrite") from e
 
 
-def adopted_model(source, state, abstract_state, init_from, dataset: data_lib.Dataset, config) -> dict:
-  """{"params", "batch_stats"} of the finished run `source` (from `finished_run`) in the freshly initialised `state`:
-  the same arrays, with rows for batches that run never saw kept fresh (`clue_jax.train.adopt`)."""
-  ckpts, epoch, from_best, saved = source
+def adopted_model(source: run_dir.FinishedRun, state, abstract_state, init_from, dataset: data_lib.Dataset,
+                  config) -> dict:
+  """{"params", "batch_stats"} of the finished run `source` in the freshly initialised `state`: the same arrays,
+  with rows for batches that run never saw kept fresh (`clue_jax.train.adopt`). Closes `source`."""
+  saved = source.saved
   fix = "use that run's model sizes (model.*), encoder inputs and modalities"
   try:
-    restored = ckpts.restore_state(epoch, ckpts.saved_shapes(epoch, abstract_state, from_best), from_best)
+    restored = source.checkpoints.restore_state(
+        saved.epoch, source.checkpoints.saved_shapes(saved.epoch, abstract_state, saved.from_best), saved.from_best)
     entries = adopt.adopt({"params": restored.params, "batch_stats": restored.batch_stats},
                           {"params": state.params, "batch_stats": state.batch_stats},
-                          saved["batch_categories"], {n: m.batch_categories for n, m in dataset.modalities.items()},
+                          saved.fitted.batch_categories, {n: m.batch_categories for n, m in dataset.modalities.items()},
                           config.model.shared_batches)
   except (checkpoint.IncompatibleCheckpoint, adopt.AdoptError) as e:
     raise TrainingError(f"--init_from={init_from}: its model does not fit this config ({e}); {fix}") from e
   except checkpoint.DamagedCheckpoint as e:
     raise TrainingError(f"--init_from={init_from}: {e}") from e
   finally:
-    ckpts.close()
+    source.close()
   return parallel.put(entries, jax.tree.map(lambda x: x.sharding, {"params": abstract_state.params,
                                                                    "batch_stats": abstract_state.batch_stats}))
 

@@ -1,4 +1,4 @@
-"""The competition recipe (method.md §3.5) on the BMMC CITE-seq starter's task files: GEX (rna) + ADT (adt).
+"""The competition recipe (docs/method.md §3.5) on the BMMC CITE-seq starter's task files: GEX (rna) + ADT (adt).
 
 Training config: configs/cite.py (the competition's CITE model and weights, preprocessing fitted on the training
 cells); pretraining on the paired training cells with at most 200 epochs, then transductive fine-tuning on the

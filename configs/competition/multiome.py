@@ -1,4 +1,4 @@
-"""The competition recipe (method.md §3.5) on the BMMC Multiome starter's task files: GEX (rna) + ATAC (atac).
+"""The competition recipe (docs/method.md §3.5) on the BMMC Multiome starter's task files: GEX (rna) + ATAC (atac).
 
 Training config: configs/multiome.py (the competition's Multiome model and weights, preprocessing fitted on the
 training cells); pretraining on the paired training cells with at most 200 epochs, then transductive fine-tuning on the

@@ -13,7 +13,7 @@ import scipy.sparse as sp
 
 from clue_jax import config as config_lib
 from clue_jax.data import dataset as data_lib
-from clue_jax.train import parallel
+from clue_jax.train import parallel, trainer
 
 RNG = np.random.default_rng(0)
 
@@ -47,7 +47,7 @@ def test_loads_pairs_and_preprocesses(tmp_path):
   adt = make_adata(n_cells=30, n_features=8)  # cells c0..c29 paired, c30..c39 RNA-only
   config = two_modality_config(tmp_path, adt=adt, label_key="cell_type")
   config.data.heldout_pairs = 0.2
-  dataset = data_lib.load_dataset(config)
+  dataset = trainer.load_data(config)
   rna = dataset.modalities["rna"]
   assert rna.counts.shape == (40, 20) and sp.issparse(rna.counts) and rna.rep.shape == (40, 5)
   assert dataset.modalities["adt"].counts.shape == (30, 8)
@@ -58,24 +58,21 @@ def test_loads_pairs_and_preprocesses(tmp_path):
   assert n_ids == 40 + 6 and len(dataset.train_ids) + len(dataset.val_ids) == n_ids
   batch = data_lib.minibatch(dataset, {"rna": np.array([[0, 1]]), "adt": np.array([[0, 1]])},
                          {"rna": np.ones((1, 2)), "adt": np.ones((1, 2))}, np.ones((1, 2)))
-  assert batch["rna"]["counts"].shape == (1, 2, 20) and batch["rna"]["rep"].shape == (1, 2, 5)
+  assert batch["rna"].counts.shape == (1, 2, 20) and batch["rna"].rep.shape == (1, 2, 5)
 
 
 def test_highly_variable_column_picks_decoder_features(tmp_path):
   rna = make_adata()
   rna.var["highly_variable"] = np.arange(30) % 3 == 0
-  dataset = data_lib.load_dataset(two_modality_config(tmp_path, rna=rna))
+  dataset = trainer.load_data(two_modality_config(tmp_path, rna=rna))
   assert list(dataset.modalities["rna"].features) == [f"f{j}" for j in range(0, 30, 3)]
 
 
 def test_preprocessing_reused_from_saved_state(tmp_path):
   config = two_modality_config(tmp_path)
-  first = data_lib.load_dataset(config)
-  saved = {"preprocess": {n: m.preprocess for n, m in first.modalities.items()}, "label_categories": (),
-           "batch_categories": {n: m.batch_categories for n, m in first.modalities.items()},
-           "features": {n: m.features for n, m in first.modalities.items()},
-           "rep_features": {n: m.rep_features for n, m in first.modalities.items()}}
-  again = data_lib.load_dataset(config, saved)
+  first = trainer.load_data(config)
+  saved = first.fitted()
+  again = trainer.load_data(config, saved)
   np.testing.assert_array_equal(first.modalities["rna"].rep, again.modalities["rna"].rep)
 
 
@@ -86,11 +83,11 @@ def test_reads_a_modality_from_h5mu(tmp_path):
   config.data.modalities.rna = config_lib.modality(str(path), mod_key="gex", rep_dim=4, n_features=20)
   config.data.modalities.adt = config_lib.modality(str(path), mod_key="prot", rep_dim=4)
   config.train.batch_size = 8
-  dataset = data_lib.load_dataset(config)
+  dataset = trainer.load_data(config)
   assert dataset.modalities["adt"].counts.shape == (40, 8)
   config.data.modalities.adt.mod_key = "atac"
   with pytest.raises(data_lib.DataError, match=r"multi.h5mu.*no modality 'atac'.*\['gex', 'prot'\].*mod_key"):
-    data_lib.load_dataset(config)
+    trainer.load_data(config)
 
 
 @pytest.mark.parametrize("change, pattern", [
@@ -112,7 +109,7 @@ def test_bad_config_fields_get_clear_errors(tmp_path, change, pattern):
   config = two_modality_config(tmp_path)
   change(config, tmp_path)
   with pytest.raises(data_lib.DataError, match=pattern):
-    data_lib.load_dataset(config)
+    trainer.load_data(config)
 
 
 def write_garbage(path):
@@ -146,7 +143,7 @@ def test_unreadable_files(tmp_path, write, pattern):
   config = two_modality_config(tmp_path)
   write(tmp_path / "rna.h5ad")
   with pytest.raises(data_lib.DataError, match=pattern):
-    data_lib.load_dataset(config)
+    trainer.load_data(config)
 
 
 def test_starter_files_from_an_old_anndata_load():
@@ -168,7 +165,7 @@ def test_invalid_counts_are_errors(tmp_path, value, pattern):
   counts[3, 4] = value
   config = two_modality_config(tmp_path, rna=make_adata(counts=counts))
   with pytest.raises(data_lib.DataError, match=r"rna.h5ad: data.modalities.rna.layer='counts' holds " + pattern):
-    data_lib.load_dataset(config)
+    trainer.load_data(config)
 
 
 def test_non_integer_counts_warn_with_the_fraction_and_proceed(tmp_path):
@@ -176,10 +173,10 @@ def test_non_integer_counts_warn_with_the_fraction_and_proceed(tmp_path):
   counts[:4, :3] += 0.5  # 12 of 1,200 entries: 1 %
   config = two_modality_config(tmp_path, rna=make_adata(counts=counts))
   with pytest.warns(UserWarning, match=r"non-integer values in 1\.0000% of entries under likelihood NB"):
-    data_lib.load_dataset(config)
+    trainer.load_data(config)
   config.data.count_check = "error"
   with pytest.raises(data_lib.DataError, match="non-integer"):
-    data_lib.load_dataset(config)
+    trainer.load_data(config)
 
 
 @pytest.mark.filterwarnings("ignore:(Observation|Variable) names are not unique")
@@ -195,7 +192,7 @@ def test_duplicate_names(tmp_path, axis):
   fix = re.escape(f"(adata.{axis}_names_make_unique())")
   with pytest.raises(data_lib.DataError, match=rf"rna.h5ad: {axis}_names are not unique \(1 repeated, e.g. "
                                            rf"\['{prefix}0'\]\).*{fix}"):
-    data_lib.load_dataset(config)
+    trainer.load_data(config)
 
 
 def test_all_zero_cells_and_features_are_dropped_with_a_count(tmp_path):
@@ -204,7 +201,7 @@ def test_all_zero_cells_and_features_are_dropped_with_a_count(tmp_path):
   counts[:, [5, 6, 9]] = 0.0
   config = two_modality_config(tmp_path, rna=make_adata(counts=counts), feature_selection="all")
   with pytest.warns(UserWarning) as caught:
-    dataset = data_lib.load_dataset(config)
+    dataset = trainer.load_data(config)
   messages = [str(w.message) for w in caught]
   assert any(re.search(r"rna.h5ad: dropped 2 of 40 cells whose data.modalities.rna.layer='counts' is zero in every "
                        r"feature", m) for m in messages), messages
@@ -220,7 +217,7 @@ def test_a_layer_with_no_data_is_an_error(tmp_path):
   config = two_modality_config(tmp_path, rna=make_adata(counts=np.zeros((40, 30), np.float32)))
   with pytest.raises(data_lib.DataError, match=r"rna.h5ad: no cell has a non-zero value in data.modalities.rna.layer="
                                            r"'counts' \(40 cells, 30 features\); point it at the layer holding"):
-    data_lib.load_dataset(config)
+    trainer.load_data(config)
 
 
 def test_no_shared_cell_names_is_an_error_unless_unpaired(tmp_path):
@@ -228,9 +225,9 @@ def test_no_shared_cell_names_is_an_error_unless_unpaired(tmp_path):
   with pytest.raises(data_lib.DataError, match=r"no cell is in two modalities: data.pair_by='obs_names' pairs cells by "
                                            r"name .*rna.h5ad: \['c0', 'c1'\]; .*adt.h5ad: \['d0', 'd1'\].*"
                                            r"--config.data.pair_by=none"):
-    data_lib.load_dataset(config)
+    trainer.load_data(config)
   config.data.pair_by = "none"
-  dataset = data_lib.load_dataset(config)
+  dataset = trainer.load_data(config)
   assert len(dataset.pairing.ids) == 80
 
 
@@ -241,7 +238,7 @@ def test_heldout_monitor_needs_pairs_to_hide(tmp_path):
   config.train.monitor = "heldout_foscttm"
   with pytest.raises(data_lib.DataError, match=r"train.monitor='heldout_foscttm' needs held-out pairs, but "
                                            r"data.heldout_pairs=0.2 hides none of the 0 paired cells"):
-    data_lib.load_dataset(config)
+    trainer.load_data(config)
 
 
 def test_unseen_monitor_needs_validation_cells_in_two_modalities(tmp_path):
@@ -250,7 +247,7 @@ def test_unseen_monitor_needs_validation_cells_in_two_modalities(tmp_path):
   config.train.monitor = "unseen_foscttm"
   with pytest.raises(data_lib.DataError, match=r"train.monitor='unseen_foscttm' needs validation cells measured in "
                                            r"two modalities, but the validation split \(data.val_split=0.1\) holds 0"):
-    data_lib.load_dataset(config)
+    trainer.load_data(config)
   config.data.val_split = 0.0
   with pytest.raises(config_lib.ConfigError, match=r"unseen_foscttm needs data.val_split > 0"):
     config_lib.validate(config)
@@ -274,7 +271,7 @@ def test_encoder_inputs_are_checked(tmp_path, change, pattern):
   config = two_modality_config(tmp_path, rna=rna)
   change(config)
   with pytest.raises(data_lib.DataError, match=pattern):
-    data_lib.load_dataset(config)
+    trainer.load_data(config)
 
 
 @pytest.mark.parametrize("fmt", ["csr", "csc", "dense"])
@@ -285,7 +282,7 @@ def test_any_matrix_format_and_dtype_loads_the_same_counts(tmp_path, fmt, dtype)
   matrix = counts.astype(dtype)
   rna.layers["counts"] = matrix if fmt == "dense" else getattr(sp, f"{fmt}_matrix")(matrix)
   config = two_modality_config(tmp_path, rna=rna, feature_selection="all")
-  loaded = data_lib.load_dataset(config).modalities["rna"].counts
+  loaded = trainer.load_data(config).modalities["rna"].counts
   assert loaded.dtype == np.float32 and sp.isspmatrix_csr(loaded)
   np.testing.assert_array_equal(loaded.toarray(), counts.astype(np.float32))
 
@@ -305,18 +302,15 @@ def test_align_features_reorders_by_name_and_lists_missing_ones():
 def test_resumed_data_is_aligned_to_the_trained_features(tmp_path):
   """A file whose features were reordered and extended gives the trained model the same inputs."""
   config = two_modality_config(tmp_path)
-  first = data_lib.load_dataset(config)
-  saved = {"preprocess": {n: m.preprocess for n, m in first.modalities.items()}, "label_categories": (),
-           "batch_categories": {n: m.batch_categories for n, m in first.modalities.items()},
-           "features": {n: m.features for n, m in first.modalities.items()},
-           "rep_features": {n: m.rep_features for n, m in first.modalities.items()}}
+  first = trainer.load_data(config)
+  saved = first.fitted()
   rna = ad.read_h5ad(tmp_path / "rna.h5ad")
   shuffled = rna[:, RNG.permutation(rna.n_vars)].copy()
   extra = ad.AnnData(X=sp.csr_matrix(np.ones((rna.n_obs, 1), np.float32)), obs=rna.obs,
                      var=pd.DataFrame(index=["new_gene"]))
   extra.layers["counts"] = extra.X.copy()
   ad.concat([shuffled, extra], axis=1, merge="same").write_h5ad(tmp_path / "rna.h5ad")
-  again = data_lib.load_dataset(config, saved)
+  again = trainer.load_data(config, saved)
   for name in ("rna", "adt"):
     np.testing.assert_array_equal(first.modalities[name].features, again.modalities[name].features)
     np.testing.assert_array_equal(first.modalities[name].counts.toarray(), again.modalities[name].counts.toarray())
@@ -325,14 +319,14 @@ def test_resumed_data_is_aligned_to_the_trained_features(tmp_path):
   rna[:, [n for n in rna.var_names if n not in dropped]].copy().write_h5ad(tmp_path / "rna.h5ad")
   with pytest.raises(data_lib.DataError, match=rf"rna.h5ad: 2 of the 20 features the model was trained on are missing "
                                            rf"from data.modalities.rna.layer \(e.g. {re.escape(str(dropped))}\)"):
-    data_lib.load_dataset(config, saved)
+    trainer.load_data(config, saved)
 
 
 def test_shared_batches_need_identical_categories(tmp_path):
   config = two_modality_config(tmp_path, adt=make_adata(n_features=8, batches=("b1", "b3")))
   config.model.shared_batches = True
   with pytest.raises(data_lib.DataError, match="shared_batches=True needs the same batch categories"):
-    data_lib.load_dataset(config)
+    trainer.load_data(config)
 
 
 def test_config_validation_names_key_and_range():
@@ -389,7 +383,7 @@ def smoke_with_adt_in_obsm(tmp_path, layout: str):
 @pytest.mark.parametrize("layout", ["totalvi", "openproblems"])
 def test_a_modality_in_obsm_loads_as_from_its_own_file(tmp_path, layout):
   config, moved = smoke_with_adt_in_obsm(tmp_path, layout)
-  expected, got = data_lib.load_dataset(config), data_lib.load_dataset(moved)
+  expected, got = trainer.load_data(config), trainer.load_data(moved)
   np.testing.assert_array_equal(got.train_ids, expected.train_ids)
   for name in ("rna", "adt"):
     a, b = expected.modalities[name], got.modalities[name]
@@ -405,11 +399,11 @@ def test_a_modality_in_obsm_names_what_is_missing(tmp_path):
   moved.data.modalities.adt.obsm_key = "protein"
   with pytest.raises(data_lib.DataError, match=r"no obsm\['protein'\] \(data.modalities.adt.obsm_key\); its obsm "
                                                r"keys are \['mode2'\]"):
-    data_lib.load_dataset(moved)
+    trainer.load_data(moved)
   moved.data.modalities.adt.obsm_key, moved.data.modalities.adt.var_names_key = "mode2", ""
   with pytest.raises(data_lib.DataError, match=r"obsm\['mode2'\] is an array without feature names; set "
                                                r"--config.data.modalities.adt.var_names_key"):
-    data_lib.load_dataset(moved)
+    trainer.load_data(moved)
   moved.data.modalities.adt.var_names_key = "nothing"
   with pytest.raises(data_lib.DataError, match=r"no uns\['nothing'\] \(data.modalities.adt.var_names_key\)"):
-    data_lib.load_dataset(moved)
+    trainer.load_data(moved)

@@ -10,7 +10,7 @@ import pytest
 import scipy.sparse as sp
 
 from clue_jax.data import dataset as data_lib, device_data, sampler
-from clue_jax.train import parallel, steps, trainer
+from clue_jax.train import parallel, run_dir, steps, trainer
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 BATCH = 64
@@ -22,7 +22,7 @@ def setup():
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   config = module.get_config()
-  dataset = data_lib.load_dataset(config)
+  dataset = trainer.load_data(config)
   mesh = parallel.make_mesh(4)
   rows = sampler.epoch_rows(dataset.pairing, dataset.train_ids, np.random.default_rng(0), BATCH, drop_last=True)
   return config, dataset, mesh, rows
@@ -52,27 +52,26 @@ def test_gathered_minibatch_equals_host_minibatch(setup):
 
 def test_device_chunk_trains_like_the_host_chunk_without_transfers_or_recompiles(setup):
   config, dataset, mesh, rows = setup
-  model = trainer.model_from(config, dataset)
+  model = run_dir.model_args(config, dataset).build()
   weights = trainer.loss_weights(config, dataset.names)
   n_steps = 2 * config.train.steps_per_dispatch
   per = config.train.steps_per_dispatch
   chunk_sharding = parallel.batch_sharding(mesh, 1)
-  example = jax.tree.map(lambda x: x[0], data_lib.steps_chunk(dataset, rows, 0, 1, BATCH))
-  init = jax.jit(lambda k, b: steps.init_state(model, k, b), out_shardings=parallel.replicated(mesh))
+  init = jax.jit(lambda k: steps.init_state(model, k), out_shardings=parallel.replicated(mesh))
   key, lr, noise = jax.random.key(1), np.float32(2e-3), np.float32(0.5)
 
-  host_chunk = jax.jit(steps.make_train_chunk(model, weights, True))
-  host_state = init(jax.random.key(0), example)
+  host_chunk = jax.jit(steps.make_train_chunk(model, weights))
+  host_state = init(jax.random.key(0))
   for first in range(0, n_steps, per):
     host_state, _ = host_chunk(host_state, parallel.put(data_lib.steps_chunk(dataset, rows, first, per, BATCH),
                                                         chunk_sharding), key, lr, noise)
 
   n_features = {n: m.counts.shape[1] for n, m in dataset.modalities.items()}
-  device_chunk = jax.jit(steps.make_device_train_chunk(model, weights, True, n_features))
+  device_chunk = jax.jit(steps.make_device_train_chunk(model, weights, n_features))
   arrays = parallel.put(device_data.host_arrays(dataset), parallel.replicated(mesh))
   chunks = parallel.put(device_data.epoch_chunks(rows, n_steps, BATCH, per), chunk_sharding)
   scalars = jax.device_put((key, lr, noise), parallel.replicated(mesh))
-  state = init(jax.random.key(0), example)
+  state = init(jax.random.key(0))
   state, _ = device_chunk(state, arrays, chunks[0], *scalars)
   with jax.transfer_guard("disallow"):
     for chunk in chunks[1:]:

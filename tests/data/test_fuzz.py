@@ -20,7 +20,7 @@ from hypothesis import Phase, event, given, settings, strategies as st
 
 from clue_jax import config as config_lib
 from clue_jax.data import dataset as data_lib, sampler
-from clue_jax.train import parallel, steps, trainer
+from clue_jax.train import parallel, run_dir, steps, trainer
 
 N_FEATURES = {"rna": 12, "adt": 6}
 BATCH_SIZE = 8
@@ -141,12 +141,11 @@ def compiled_step() -> CompiledStep:
           "pair_by": "obs_names", "fault": "none"}
   with tempfile.TemporaryDirectory() as directory:
     config = write_inputs(spec, directory)
-    dataset = data_lib.load_dataset(config)
-  model = trainer.model_from(config, dataset)
+    dataset = trainer.load_data(config)
+  model = run_dir.model_args(config, dataset).build()
   mesh = parallel.make_mesh()
-  chunk = data_lib.steps_chunk(dataset, epoch_rows(dataset), 0, 1, BATCH_SIZE)
-  state = steps.init_state(model, jax.random.key(0), jax.tree.map(lambda x: x[0], chunk))
-  step = jax.jit(steps.make_train_chunk(model, trainer.loss_weights(config, dataset.names), True))
+  state = steps.init_state(model, jax.random.key(0))
+  step = jax.jit(steps.make_train_chunk(model, trainer.loss_weights(config, dataset.names)))
   return CompiledStep(model, parallel.put(state, parallel.replicated(mesh)), step, mesh)
 
 
@@ -173,7 +172,7 @@ def test_random_inputs_train_or_get_a_clear_error(compiled_step, spec):
     warnings.simplefilter("ignore")  # Dropped empty cells and non-integer counts warn.
     config = write_inputs(spec, directory)
     try:
-      dataset = data_lib.load_dataset(config)
+      dataset = trainer.load_data(config)
     except (data_lib.DataError, config_lib.ConfigError) as e:
       event(f"refused: {spec['fault']}")
       expected = expected_refusal(spec)
@@ -189,7 +188,7 @@ def test_random_inputs_train_or_get_a_clear_error(compiled_step, spec):
   assert expected_refusal(spec) is None, f"{spec['fault']} was not refused"
   assert spec["batches"] == ("b1", "b2"), "different batch categories were not refused"
   check_dataset(dataset)
-  if trainer.model_from(config, dataset) != compiled_step.model:  # All-zero features dropped: other shapes.
+  if run_dir.model_args(config, dataset).build() != compiled_step.model:  # All-zero features dropped: other shapes.
     event("loaded, other model shapes")
     return
   event("loaded and trained a step")

@@ -11,8 +11,8 @@ import pandas as pd
 import pytest
 
 from clue_jax import config as config_lib
-from clue_jax.data import dataset as data_lib
 from clue_jax.evaluate import evaluation, metrics, run_outputs, run_report
+from clue_jax.train import trainer
 from run_helpers import ROOT, load_config, tensorboard_tags
 
 TYPES = ("B", "T", "NK")
@@ -131,7 +131,7 @@ def test_training_writes_plots_at_the_end(smoke_run):
 
 def test_heldout_cells_are_those_training_hid(smoke_run):
   workdir, config, _ = smoke_run
-  dataset = data_lib.load_dataset(config)
+  dataset = trainer.load_data(config)
   hidden = {str(dataset.modalities["rna"].obs.index[r]) for r in dataset.heldout["rna"]}
   assert set(run_outputs.load(workdir).heldout_ids) == hidden and len(hidden) == 60
 

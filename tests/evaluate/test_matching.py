@@ -1,5 +1,5 @@
-"""Matching on hand-built embeddings: SNN scores as method.md §4.3 works them out, Sinkhorn marginals, the official
-format, batches."""
+"""Matching on hand-built embeddings: SNN scores as docs/method.md §4.3 works them out, Sinkhorn marginals, the
+official format, batches."""
 
 import numpy as np
 import pytest

@@ -1,4 +1,4 @@
-"""Every term of losses.generator_objective / discriminator_objective against a NumPy reading of method.md §2.
+"""Every term of losses.generator_objective / discriminator_objective against a NumPy reading of docs/method.md §2.
 
 A tiny two-modality CLUE without dropout runs in eval mode (BatchNorm on running statistics; float64) or train mode
 (BatchNorm on the rows of each call; float32, as trained). The only randomness is the Gaussian draws, which the
@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from scipy.special import gammaln, log_softmax, softmax
 
+from clue_jax.batch import Batch, ModalityBatch
 from clue_jax.model import losses, rng as clue_rng
 from clue_jax.model.network import CLUE, MaskedBatchNorm, ModalitySpec
 
@@ -36,12 +37,12 @@ FAST_COMPILE = {"xla_backend_optimization_level": 0}
 
 def make_batch(masks=MASKS, seed=0):
   rng = np.random.default_rng(seed)
-  batch = {"valid": np.ones(B)}
+  modalities = {}
   for name in NAMES:
-    batch[name] = {"rep": rng.normal(size=(B, REP)), "counts": rng.poisson(2.0, (B, FEATURES[name])).astype(float),
-                   "batch": np.asarray(BATCHES[name], np.int32), "label": np.full(B, -1, np.int32),
-                   "mask": np.asarray(masks[name], float)}
-  return batch
+    modalities[name] = ModalityBatch(
+        rep=rng.normal(size=(B, REP)), counts=rng.poisson(2.0, (B, FEATURES[name])).astype(float),
+        batch=np.asarray(BATCHES[name], np.int32), label=np.full(B, -1, np.int32), mask=np.asarray(masks[name], float))
+  return Batch(modalities, np.ones(B))
 
 
 def to_jax(tree, dtype=jnp.float64):
@@ -73,7 +74,7 @@ def x64():
 
 def objectives(clue, batch, noise_scale, weights):
   """Generator terms at KEY and the discriminator loss at the generator's noise key, in eval mode."""
-  _, terms = losses.generator_objective(clue, batch, KEY, noise_scale, weights, True, train=False)
+  _, terms = losses.generator_objective(clue, batch, KEY, noise_scale, weights, train=False)
   terms["disc"] = losses.discriminator_objective(clue, batch, NOISE_KEY, noise_scale, weights, train=False)
   return terms
 
@@ -88,14 +89,14 @@ def evaluate(variables, batch, noise_scale=0.7, weights=WEIGHTS):
 def train_objective(params, batch_stats, batch):
   """L_gen and its terms in train mode (masked BatchNorm on batch statistics)."""
   (total, terms), _ = nn.apply(losses.generator_objective, MODEL, mutable=["batch_stats"])(
-      {"params": params, "batch_stats": batch_stats}, batch, KEY, 0.7, WEIGHTS, True, train=True)
+      {"params": params, "batch_stats": batch_stats}, batch, KEY, 0.7, WEIGHTS, train=True)
   return total, terms
 
 
 TRAIN_OBJECTIVE = jax.jit(jax.value_and_grad(train_objective, has_aux=True), compiler_options=FAST_COMPILE)
 
 
-# ---------------------------------------------------------------- NumPy reference (method.md §1-§2)
+# ---------------------------------------------------------------- NumPy reference (docs/method.md §1-§2)
 
 
 def linear(p, x):
@@ -167,7 +168,7 @@ def dsc_cross_entropy(v, batch, vs):
   p = v["params"]["discriminator"]
   ce = []
   for k, name in enumerate(NAMES):
-    x = np.concatenate([vs[k], np.eye(2)[batch[name]["batch"]]], 1)
+    x = np.concatenate([vs[k], np.eye(2)[batch[name].batch]], 1)
     ce.append(-log_softmax(linear(p["Linear_1"], leaky_relu(linear(p["Linear_0"], x))), axis=1)[:, k])
   return np.concatenate(ce).mean()
 
@@ -178,7 +179,7 @@ def normal_draws(key, dtype):
 
 
 def posterior_means(v, batch):
-  return [encode(v, n, batch[n]["rep"], batch[n]["counts"])[0] for n in NAMES]
+  return [encode(v, n, batch[n].rep, batch[n].counts)[0] for n in NAMES]
 
 
 def unit(u):
@@ -194,14 +195,14 @@ def reference_terms(v, batch, noise_scale=0.7, weights=WEIGHTS, dtype=jnp.float6
   sample_key, noise_key = jax.random.split(KEY)
   loc, std, lib, u = {}, {}, {}, {}
   for name, eps in zip(NAMES, normal_draws(sample_key, dtype)):
-    loc[name], std[name], lib[name] = encode(v, name, batch[name]["rep"], batch[name]["counts"], train)
+    loc[name], std[name], lib[name] = encode(v, name, batch[name].rep, batch[name].counts, train)
     u[name] = unit(loc[name] + std[name] * eps)
-  m = {name: batch[name]["mask"] for name in NAMES}
+  m = {name: batch[name].mask for name in NAMES}
   joint = unit(sum(m[n][:, None] * u[n] for n in NAMES) / sum(m.values())[:, None])
 
   def nll(target, z, source, rows):
     x = batch[target]
-    return decode_nll(v, target, x["counts"], x["batch"], z, lib[source][:, NAMES.index(target)], rows, train)
+    return decode_nll(v, target, x.counts, x.batch, z, lib[source][:, NAMES.index(target)], rows, train)
 
   t = {}
   for n in NAMES:
@@ -342,7 +343,7 @@ def test_stacked_batch_norm_calls_equal_separate_calls_in_order(norm_inputs, x64
 
 def reference_contrastive(v, batch, temperature):
   loc = dict(zip(NAMES, posterior_means(v, batch)))
-  rows = np.flatnonzero(batch["rna"]["mask"] * batch["adt"]["mask"])
+  rows = np.flatnonzero(batch["rna"].mask * batch["adt"].mask)
   logits = unit(loc["rna"][rows]) @ unit(loc["adt"][rows]).T / temperature
   return np.mean((-np.diag(log_softmax(logits, axis=1)) - np.diag(log_softmax(logits, axis=0))) / 2)
 
@@ -389,7 +390,7 @@ def test_identical_embeddings_have_zero_cosine_term(variables, x64):
   rna["std"]["bias"] = adt["std"]["bias"] = np.full_like(rna["std"]["bias"], -40.0)  # std = 1e-7.
   v["batch_stats"]["encoders_adt"] = jax.tree.map(np.copy, v["batch_stats"]["encoders_rna"])
   batch = make_batch()
-  batch["adt"]["rep"] = batch["rna"]["rep"]
+  batch = batch.replace(modalities={**batch.modalities, "adt": batch["adt"].replace(rep=batch["rna"].rep)})
   assert abs(evaluate(v, batch)["cos"]) < 1e-10
   assert abs(evaluate(variables, batch)["cos"]) > 1e-2
 

@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from clue_jax import batch as batch_lib
 from clue_jax.model.network import CLUE, ModalitySpec, SubspaceEncoder, bf16_matmul
 from clue_jax.train import steps
 
@@ -14,8 +15,7 @@ COMPETITION_CITE = dict(latent_dim=20, encoder_width=512, decoder_depth=1, decod
 
 
 def example_batch(specs, rows=4):
-  return {s.name: {"rep": jnp.ones((rows, s.input_dim)), "counts": jnp.ones((rows, s.n_features)),
-                   "batch": jnp.zeros((rows,), jnp.int32)} for s in specs}
+  return batch_lib.zeros({s.name: (s.n_features, s.input_dim) for s in specs}, rows)
 
 
 def init(model, specs=SPECS):

@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from clue_jax import batch as batch_lib
 from clue_jax.model.network import CLUE, ModalitySpec
 from clue_jax.train import adopt
 
@@ -22,8 +23,7 @@ def model(n_batches, decoder_width=8):
 
 
 def variables(clue, seed):
-  example = {s.name: {"rep": jnp.ones((4, s.input_dim)), "counts": jnp.ones((4, s.n_features)),
-                      "batch": jnp.zeros((4,), jnp.int32)} for s in clue.specs}
+  example = batch_lib.zeros({s.name: (s.n_features, s.input_dim) for s in clue.specs}, rows=4)
   out = clue.init(jax.random.key(seed), example)
   # Random values everywhere (heads start at zero, running statistics at 0 / 1), so that every copy is visible.
   leaves, tree = jax.tree.flatten(out)

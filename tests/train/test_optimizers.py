@@ -8,7 +8,7 @@ import pytest
 
 from clue_jax import api, config as config_lib
 from clue_jax.data import dataset as data_lib, sampler
-from clue_jax.train import steps, trainer
+from clue_jax.train import run_dir, steps, trainer
 from run_helpers import load_config
 
 LR = 1e-3
@@ -18,15 +18,15 @@ LR = 1e-3
 def first_step():
   """{optimizer: (initial params, params after one step)} on the same smoke minibatch."""
   config = load_config()
-  dataset = data_lib.load_dataset(config)
-  model = trainer.model_from(config, dataset)
+  dataset = trainer.load_data(config)
+  model = run_dir.model_args(config, dataset).build()
   weights = trainer.loss_weights(config, dataset.names)
   rows = sampler.epoch_rows(dataset.pairing, dataset.train_ids, np.random.default_rng(0), config.train.batch_size, True)
   chunk = data_lib.steps_chunk(dataset, rows, 0, 1, config.train.batch_size)
   out = {}
   for name in config_lib.OPTIMIZERS:
-    initial = steps.init_state(model, jax.random.key(0), jax.tree.map(lambda x: x[0], chunk), name)
-    train_chunk = jax.jit(steps.make_train_chunk(model, weights, True, name))
+    initial = steps.init_state(model, jax.random.key(0), name)
+    train_chunk = jax.jit(steps.make_train_chunk(model, weights, name))
     state, measured = train_chunk(initial, chunk, jax.random.key(1), np.float32(LR), np.float32(1.0))
     assert bool(measured["finite"][0])
     out[name] = jax.device_get((initial.params, state.params))

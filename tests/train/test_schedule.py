@@ -1,4 +1,4 @@
-"""AUTO epoch formulas, burn-in noise, early stopping and ReduceLROnPlateau (method.md §3.2)."""
+"""AUTO epoch formulas, burn-in noise, early stopping and ReduceLROnPlateau (docs/method.md §3.2)."""
 
 import math
 
@@ -11,7 +11,7 @@ from run_helpers import load_config
 
 
 def test_auto_formulas_match_the_reference_examples():
-  # method.md: ~66k IDs (10 % validation) at lr 2e-3 and batch 128 give 13 / 78 / 10 / 4 epochs.
+  # docs/method.md §3.2: ~66k IDs (10 % validation) at lr 2e-3 and batch 128 give 13 / 78 / 10 / 4 epochs.
   plan = auto_plan(round(66175 * 0.9), 128, 2e-3)
   assert (plan.align_burnin, plan.max_epochs, plan.patience, plan.reduce_lr_patience) == (13, 78, 10, 4)
   # Large data: the floors 12 / 72 / 9 / 3 apply.

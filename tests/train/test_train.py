@@ -19,7 +19,7 @@ import jax
 
 from clue_jax import api, config as config_lib, outputs
 from clue_jax.data import dataset as data_lib, sampler
-from clue_jax.train import parallel, steps, trainer
+from clue_jax.train import encoding, errors, parallel, run_dir, steps, trainer
 from run_helpers import EPOCHS, ROOT, assert_trees_close, flatten, load_config, saved_params, tensorboard_tags
 
 
@@ -75,14 +75,14 @@ def test_same_step_on_one_and_four_devices():
   summation order. Those entries are few; everything else must agree to 1e-5.
   """
   config = load_config()
-  dataset = data_lib.load_dataset(config)
-  model = trainer.model_from(config, dataset)
+  dataset = trainer.load_data(config)
+  model = run_dir.model_args(config, dataset).build()
   weights = trainer.loss_weights(config, dataset.names)
   batch_size = config.train.batch_size
   rows = sampler.epoch_rows(dataset.pairing, dataset.train_ids, np.random.default_rng(0), batch_size, True)
   chunk = data_lib.steps_chunk(dataset, rows, 0, 1, batch_size)
-  initial = jax.device_get(steps.init_state(model, jax.random.key(0), jax.tree.map(lambda x: x[0], chunk)))
-  train_chunk = steps.make_train_chunk(model, weights, True)
+  initial = jax.device_get(steps.init_state(model, jax.random.key(0)))
+  train_chunk = steps.make_train_chunk(model, weights)
   results = {}
   for n_devices in (1, 4):
     mesh = parallel.make_mesh(n_devices)
@@ -111,13 +111,13 @@ def test_a_non_finite_step_changes_nothing_but_the_step_counter(matmul_dtype):
   optimiser state and running statistic as it was; the same step with finite noise changes every one of them."""
   config = load_config()
   config.model.matmul_dtype = matmul_dtype
-  dataset = data_lib.load_dataset(config)
-  model = trainer.model_from(config, dataset)
+  dataset = trainer.load_data(config)
+  model = run_dir.model_args(config, dataset).build()
   rows = sampler.epoch_rows(dataset.pairing, dataset.train_ids, np.random.default_rng(0), config.train.batch_size, True)
   mesh = parallel.make_mesh(4)
   chunk = data_lib.steps_chunk(dataset, rows, 0, 1, config.train.batch_size)
-  initial = steps.init_state(model, jax.random.key(0), jax.tree.map(lambda x: x[0], chunk))
-  train_chunk = jax.jit(steps.make_train_chunk(model, trainer.loss_weights(config, dataset.names), True))
+  initial = steps.init_state(model, jax.random.key(0))
+  train_chunk = jax.jit(steps.make_train_chunk(model, trainer.loss_weights(config, dataset.names)))
   for noise, finite in ((np.inf, False), (1.0, True)):
     state, measured = train_chunk(parallel.put(initial, parallel.replicated(mesh)),
                                   parallel.put(chunk, parallel.batch_sharding(mesh, 1)), jax.random.key(1),
@@ -210,10 +210,10 @@ def test_a_dead_library_head_is_reported(smoke_run):
   library_heads reports 0 for it and warns with the fix."""
   workdir, config, _ = smoke_run
   run = api.load(workdir)
-  dataset = data_lib.load_dataset(config, run.saved)
+  dataset = trainer.load_data(config)  # The same data, split and preprocessing as in training.
   params = jax.tree.map(np.asarray, run.state.params)
   params["encoders_rna"]["library"]["bias"] = np.full_like(params["encoders_rna"]["library"]["bias"], -1e6)
-  encoder = trainer.Encoder(run.model, dataset, run.mesh)
+  encoder = encoding.Encoder(run.model, dataset, parallel.make_mesh())
   with pytest.warns(UserWarning, match=r"library-size head of rna's encoder is dead \(a ReLU at 0 for every cell\) "
                                        r"for the decoder of rna and adt.*--config.model.library_activation=softplus"):
     report = trainer.library_heads(encoder, run.state.replace(params=params), dataset)
@@ -284,7 +284,7 @@ def test_full_disk_is_a_clear_error(tmp_path, monkeypatch):
 
 def test_workdir_with_another_run_is_refused(smoke_run):
   workdir, _, _ = smoke_run
-  with pytest.raises(trainer.TrainingError, match="holds a run with a different config"):
+  with pytest.raises(errors.ConfigMismatch, match="holds a run with a different config"):
     trainer.train_and_evaluate(load_config(lr=1e-3), workdir)
 
 
