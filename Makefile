@@ -3,7 +3,7 @@
 PYTHON ?= python3
 VENV := .venv
 WORKDIR ?= runs/cite
-TEST_WORKERS ?= 2  # pytest-xdist processes, each taking whole test files (one per core of a 2-core machine)
+TEST_WORKERS ?= 2  # pytest-xdist processes, one per core of a 2-core machine (tests/conftest.py: how tests are shared)
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,4 +18,4 @@ train: $(VENV)/.installed
 	$(VENV)/bin/python -m clue_jax.train --config=configs/cite.py --workdir=$(WORKDIR)
 
 test: $(VENV)/.installed
-	$(VENV)/bin/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
+	$(VENV)/bin/python -m pytest -q -n $(TEST_WORKERS) --dist loadscope

@@ -8,6 +8,7 @@ evaluation batches). Every loss averages over valid rows only.
 from typing import Any
 
 import flax
+import jax
 import numpy as np
 
 
@@ -52,3 +53,9 @@ def zeros(shapes: dict, rows: int = 1) -> Batch:
         label=np.full(rows, -1, np.int32), mask=np.ones(rows, np.float32),
         rep=None if rep_dim is None else np.zeros((rows, rep_dim), np.float32))
   return Batch(modalities, np.ones(rows, np.float32))
+
+
+def padded_steps(chunk, length: int):
+  """A chunk of steps (any tree of host arrays with a leading steps axis) padded with zeros to `length` steps, so
+  that every chunk of an epoch has one shape; the train step runs only the real ones."""
+  return jax.tree.map(lambda a: np.concatenate([a, np.zeros((length - len(a), *a.shape[1:]), a.dtype)]), chunk)

@@ -111,13 +111,14 @@ class Timers:
         jax.random.key(0))
     self.train_chunk = jax.jit(steps.make_train_chunk(model, weights), donate_argnums=0)
     self.inputs = (jax.random.key(1), np.float32(2e-3), np.float32(0.5))
-    # XLA's cost analysis counts a scan body once: cost a one-step program.
+    # XLA's cost analysis counts a loop body once: cost a one-step program.
     one_step = parallel.put(self.chunk_at(rows, 0, 1), chunk_sharding)
-    cost = self.train_chunk.lower(self.state, one_step, *self.inputs).compile().cost_analysis()
+    cost = self.train_chunk.lower(self.state, one_step, np.int32(1), *self.inputs).compile().cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
     self.flops_per_cell = float(cost["flops"]) / self.batch_size
     self.device_chunk = parallel.put(self.chunk_at(rows, 0, self.per_dispatch), chunk_sharding)
-    self.state, _ = self.train_chunk(self.state, self.device_chunk, *self.inputs)  # Compiles.
+    self.dispatch_steps = parallel.put(np.int32(self.per_dispatch), parallel.replicated(mesh))
+    self.state, _ = self.train_chunk(self.state, self.device_chunk, self.dispatch_steps, *self.inputs)  # Compiles.
     # The trainer's own epoch loop (data on the devices unless --host-data), compiled by a first epoch.
     self.run_epoch = trainer.make_epoch_runner(config, model, weights, dataset, mesh)
     self.state, _ = self.run_epoch(self.state, self.epoch_rows(), self.n_steps, *self.inputs)
@@ -134,7 +135,7 @@ class Timers:
     repeats = max(1, (self.epochs * self.n_steps) // self.per_dispatch)
     started = time.perf_counter()
     for _ in range(repeats):
-      self.state, _ = self.train_chunk(self.state, self.device_chunk, *self.inputs)
+      self.state, _ = self.train_chunk(self.state, self.device_chunk, self.dispatch_steps, *self.inputs)
     jax.block_until_ready(self.state)
     return repeats * self.per_dispatch * self.batch_size / (time.perf_counter() - started)
 

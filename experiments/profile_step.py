@@ -91,12 +91,13 @@ def main():
   with tempfile.TemporaryDirectory() as tmp:
     config = bench_throughput.bench_config(bench_throughput.synthetic_files(pathlib.Path(tmp), args.cells), args)
     timers = bench_throughput.Timers(config, epochs=1)
-    hlo = timers.train_chunk.lower(timers.state, timers.device_chunk, *timers.inputs).compile().as_text()
+    hlo = timers.train_chunk.lower(timers.state, timers.device_chunk, timers.dispatch_steps,
+                                   *timers.inputs).compile().as_text()
     products = fused_with_products(hlo)
     timers.steps()  # Warm.
     started = time.perf_counter()
     with jax.profiler.trace(tmp, create_perfetto_trace=True):
-      timers.state, _ = timers.train_chunk(timers.state, timers.device_chunk, *timers.inputs)
+      timers.state, _ = timers.train_chunk(timers.state, timers.device_chunk, timers.dispatch_steps, *timers.inputs)
       jax.block_until_ready(timers.state)
     traced_s = time.perf_counter() - started
     times = thunk_times(pathlib.Path(tmp))

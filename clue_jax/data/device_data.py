@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import scipy.sparse as sp
 
-from clue_jax.batch import Batch, ModalityBatch
+from clue_jax.batch import Batch, ModalityBatch, padded_steps
 from clue_jax.data import dataset as data_lib, sampler
 
 
@@ -43,16 +43,19 @@ def host_arrays(dataset: data_lib.Dataset) -> dict:
 
 
 def epoch_chunks(epoch_rows: sampler.EpochRows, n_steps: int, batch_size: int, steps_per_chunk: int) -> list:
-  """An epoch's rows, masks and valid flags, as one (steps, batch_size) tree per dispatched chunk of steps.
+  """An epoch's rows, masks and valid flags, as one ((length, batch_size) tree, steps) pair per dispatched chunk.
 
-  Put them on the devices with one explicit `jax.device_put` per epoch; `gather` reads one step of a chunk.
+  Every chunk has `length` = min(steps_per_chunk, n_steps) steps, the last one padded (`batch.padded_steps`), so one
+  compiled program runs them all. Put the trees on the devices with one explicit `jax.device_put` per epoch; `gather`
+  reads one step of a chunk.
   """
   n = n_steps * batch_size
   whole = {"rows": {k: v[:n].reshape(n_steps, batch_size).astype(np.int32) for k, v in epoch_rows.rows.items()},
            "masks": {k: v[:n].reshape(n_steps, batch_size) for k, v in epoch_rows.masks.items()},
            "valid": epoch_rows.valid[:n].reshape(n_steps, batch_size)}
-  return [jax.tree.map(lambda a: a[first:first + steps_per_chunk], whole)
-          for first in range(0, n_steps, steps_per_chunk)]
+  length = min(steps_per_chunk, n_steps)
+  return [(padded_steps(jax.tree.map(lambda a: a[first:first + length], whole), length),
+           min(length, n_steps - first)) for first in range(0, n_steps, length)]
 
 
 def gather(arrays: dict, indices: dict, n_features: dict) -> Batch:

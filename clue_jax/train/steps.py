@@ -20,6 +20,8 @@ from clue_jax.model import losses
 from clue_jax.model.network import CLUE
 
 DISCRIMINATOR = "discriminator"
+# XLA options for a program run once (initialisation): its backend optimisations would only cost compile time.
+RUN_ONCE = {"xla_backend_optimization_level": 0}
 
 
 @flax.struct.dataclass
@@ -113,29 +115,49 @@ def make_train_step(model: CLUE, weights: losses.Weights, optimizer: str = "rmsp
   return step
 
 
+def steps_loop(step, state, n_steps, length: int, batch_at):
+  """`step(state, batch_at(i))` for i < `n_steps`, a traced count of at most `length`: one compiled program serves
+  every count (a short last chunk of an epoch included).
+
+  Returns the state and the steps' measurements stacked on a leading axis of `length` (0 past `n_steps`).
+  """
+  _, shapes = jax.eval_shape(step, state, batch_at(0))
+  buffers = jax.tree.map(lambda s: jnp.zeros((length, *s.shape), s.dtype), shapes)
+
+  def body(i, carry):
+    state, measured = carry
+    state, values = step(state, batch_at(i))
+    return state, jax.tree.map(lambda buffer, value: buffer.at[i].set(value), measured, values)
+
+  return jax.lax.fori_loop(0, n_steps, body, (state, buffers))
+
+
 def make_train_chunk(model: CLUE, weights: losses.Weights, optimizer: str = "rmsprop"):
-  """Runs a chunk of steps (leading axis of every batch array) in one `lax.scan`."""
+  """`chunk(state, batches, n_steps, key, lr, noise_scale)`: the first `n_steps` minibatches of `batches` (a `Batch`
+  with a leading steps axis; the rest is padding), one step each."""
   step = make_train_step(model, weights, optimizer)
 
-  def chunk(state, batches, key, lr, noise_scale):
-    return jax.lax.scan(lambda s, b: step(s, b, key, lr, noise_scale), state, batches)
+  def chunk(state, batches, n_steps, key, lr, noise_scale):
+    length = batches.valid.shape[0]
+    return steps_loop(lambda s, b: step(s, b, key, lr, noise_scale), state, n_steps, length,
+                      lambda i: jax.tree.map(lambda a: a[i], batches))
 
   return chunk
 
 
 def make_device_train_chunk(model: CLUE, weights: losses.Weights, n_features: dict, optimizer: str = "rmsprop"):
-  """As `make_train_chunk`, with the data on the devices: `chunk(state, arrays, indices, key, lr, noise_scale)`.
+  """As `make_train_chunk`, with the data on the devices: `chunk(state, arrays, indices, n_steps, key, lr,
+  noise_scale)`.
 
   `arrays` are `device_data.host_arrays` put on the devices, `indices` one of `device_data.epoch_chunks` put on
   the devices; each step gathers its own minibatch.
   """
   step = make_train_step(model, weights, optimizer)
 
-  def chunk(state, arrays, indices, key, lr, noise_scale):
-    def body(s, step_indices):
-      return step(s, device_data.gather(arrays, step_indices, n_features), key, lr, noise_scale)
-
-    return jax.lax.scan(body, state, indices)
+  def chunk(state, arrays, indices, n_steps, key, lr, noise_scale):
+    length = indices["valid"].shape[0]
+    return steps_loop(lambda s, b: step(s, b, key, lr, noise_scale), state, n_steps, length,
+                      lambda i: device_data.gather(arrays, jax.tree.map(lambda a: a[i], indices), n_features))
 
   return chunk
 

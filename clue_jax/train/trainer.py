@@ -22,7 +22,7 @@ import jax
 import numpy as np
 import pandas as pd
 
-from clue_jax import config as config_lib, outputs
+from clue_jax import batch as batch_lib, config as config_lib, outputs
 from clue_jax.data import dataset as data_lib, device_data, sampler
 from clue_jax.evaluate import metrics
 from clue_jax.model import losses
@@ -178,9 +178,9 @@ def save_embedding(path: pathlib.Path, obs: pd.DataFrame, embedding: np.ndarray)
 
 # ------------------------------------------------------------------------------------------------------ loop
 def per_step_values(measurements: list) -> dict:
-  """The epoch's measurements (one dict per dispatched chunk) fetched once, as {term: (steps,) array}."""
-  stacked = parallel.fetch(measurements)
-  return {k: np.concatenate([np.asarray(m[k]).reshape(-1) for m in stacked]) for k in stacked[0]}
+  """The epoch's measurements ((dict, steps run) per dispatched chunk) fetched once, as {term: (steps,) array}."""
+  stacked = parallel.fetch([m for m, _ in measurements])
+  return {k: np.concatenate([np.asarray(m[k])[:n] for m, (_, n) in zip(stacked, measurements)]) for k in stacked[0]}
 
 
 def first_bad_term(values: dict, step_in_epoch: int) -> str:
@@ -217,11 +217,13 @@ def process_share(epoch_rows: sampler.EpochRows, batch_size: int, part: slice) -
 
 
 def make_epoch_runner(config, model: CLUE, weights: losses.Weights, dataset: data_lib.Dataset, mesh):
-  """`run(state, epoch_rows, n_steps, key, lr, noise) -> (state, per-chunk measurements)` for one epoch.
+  """`run(state, epoch_rows, n_steps, key, lr, noise) -> (state, [(measurements, steps run)] per chunk)` for one
+  epoch.
 
-  With `train.data_on_device` the dataset lives on the devices and each step gathers its minibatch there (one
-  explicit copy of row indices per epoch); otherwise the host densifies and sends every chunk of steps (with several
-  processes, each densifies only the rows its devices hold).
+  Every chunk of an epoch has min(train.steps_per_dispatch, n_steps) steps (the last one padded), so one program is
+  compiled. With `train.data_on_device` the dataset lives on the devices and each step gathers its minibatch there
+  (one explicit copy of row indices per epoch); otherwise the host densifies and sends every chunk of steps (with
+  several processes, each densifies only the rows its devices hold).
   """
   per, optimizer = config.train.steps_per_dispatch, config.train.optimizer
   batch_size, replicated = config.train.batch_size, parallel.replicated(mesh)
@@ -229,28 +231,31 @@ def make_epoch_runner(config, model: CLUE, weights: losses.Weights, dataset: dat
   if config.train.data_on_device:
     n_features = {n: m.counts.shape[1] for n, m in dataset.modalities.items()}
     arrays = parallel.put(device_data.host_arrays(dataset), replicated)
-    chunk_fn = jax.jit(steps.make_device_train_chunk(model, weights, n_features, optimizer),
-                       donate_argnums=0)
+    chunk_fn = jax.jit(steps.make_device_train_chunk(model, weights, n_features, optimizer), donate_argnums=0)
 
     def chunks(rows, n_steps):
-      return [(arrays, c) for c in parallel.put(device_data.epoch_chunks(rows, n_steps, batch_size, per),
-                                                chunk_sharding)]
+      indices, counts = zip(*device_data.epoch_chunks(rows, n_steps, batch_size, per))
+      on_device = parallel.put((list(indices), [np.int32(c) for c in counts]), (chunk_sharding, replicated))
+      return [((arrays, c, n), int(count)) for c, n, count in zip(*on_device, counts)]
   else:
     chunk_fn = jax.jit(steps.make_train_chunk(model, weights, optimizer), donate_argnums=0)
     part = parallel.process_rows(mesh, batch_size)
 
     def chunks(rows, n_steps):
       local = process_share(rows, batch_size, part)
-      for first in range(0, n_steps, per):
-        host = data_lib.steps_chunk(dataset, local, first, min(per, n_steps - first), part.stop - part.start)
-        yield (parallel.put_local(host, chunk_sharding),)
+      length = min(per, n_steps)
+      for first in range(0, n_steps, length):
+        count = min(length, n_steps - first)
+        host = data_lib.steps_chunk(dataset, local, first, count, part.stop - part.start)
+        yield (parallel.put_local(batch_lib.padded_steps(host, length), chunk_sharding),
+               parallel.put(np.int32(count), replicated)), count
 
   def run(state, rows, n_steps, key, lr, noise):
     scalars = parallel.put((key, np.float32(lr), np.float32(noise)), replicated)
     measurements = []
-    for inputs in chunks(rows, n_steps):
+    for inputs, count in chunks(rows, n_steps):
       state, measured = chunk_fn(state, *inputs, *scalars)
-      measurements.append(measured)
+      measurements.append((measured, count))
     return state, measurements
 
   return run
@@ -300,7 +305,8 @@ def train_and_evaluate(config, workdir, init_from=None, inputs=None) -> dict:
   # Sharded initialisation.
   init_key, step_key, eval_key = jax.random.split(jax.random.key(config.seed), 3)
   optimizer = config.train.optimizer
-  init = jax.jit(lambda key: steps.init_state(model, key, optimizer), out_shardings=state_sharding)
+  init = jax.jit(lambda key: steps.init_state(model, key, optimizer), out_shardings=state_sharding,
+                 compiler_options=steps.RUN_ONCE)
   abstract_state = checkpoint.abstract(jax.eval_shape(init, init_key), state_sharding)
 
   # Resume, or start (from a finished run's parameters with --init_from).

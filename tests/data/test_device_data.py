@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
+from clue_jax import batch as batch_lib
 from clue_jax.data import dataset as data_lib, device_data, sampler
 from clue_jax.train import parallel, run_dir, steps, trainer
 
@@ -41,7 +42,8 @@ def test_padded_rows_hold_every_non_zero():
 
 def test_gathered_minibatch_equals_host_minibatch(setup):
   _, dataset, _, rows = setup
-  indices = device_data.epoch_chunks(rows, 2, BATCH, 2)[0]
+  indices, count = device_data.epoch_chunks(rows, 2, BATCH, 2)[0]
+  assert count == 2
   n_features = {n: m.counts.shape[1] for n, m in dataset.modalities.items()}
   arrays = device_data.host_arrays(dataset)
   for step in range(2):
@@ -51,11 +53,13 @@ def test_gathered_minibatch_equals_host_minibatch(setup):
 
 
 def test_device_chunk_trains_like_the_host_chunk_without_transfers_or_recompiles(setup):
+  """Over an epoch whose last chunk is short (padded, its steps counted): the same parameters bitwise, and one
+  compiled program for every chunk of either path."""
   config, dataset, mesh, rows = setup
   model = run_dir.model_args(config, dataset).build()
   weights = trainer.loss_weights(config, dataset.names)
-  n_steps = 2 * config.train.steps_per_dispatch
   per = config.train.steps_per_dispatch
+  n_steps = 2 * per + 1
   chunk_sharding = parallel.batch_sharding(mesh, 1)
   init = jax.jit(lambda k: steps.init_state(model, k), out_shardings=parallel.replicated(mesh))
   key, lr, noise = jax.random.key(1), np.float32(2e-3), np.float32(0.5)
@@ -63,19 +67,25 @@ def test_device_chunk_trains_like_the_host_chunk_without_transfers_or_recompiles
   host_chunk = jax.jit(steps.make_train_chunk(model, weights))
   host_state = init(jax.random.key(0))
   for first in range(0, n_steps, per):
-    host_state, _ = host_chunk(host_state, parallel.put(data_lib.steps_chunk(dataset, rows, first, per, BATCH),
-                                                        chunk_sharding), key, lr, noise)
+    count = min(per, n_steps - first)
+    batches = batch_lib.padded_steps(data_lib.steps_chunk(dataset, rows, first, count, BATCH), per)
+    host_state, _ = host_chunk(host_state, parallel.put(batches, chunk_sharding), np.int32(count), key, lr, noise)
+  assert host_chunk._cache_size() == 1
 
   n_features = {n: m.counts.shape[1] for n, m in dataset.modalities.items()}
   device_chunk = jax.jit(steps.make_device_train_chunk(model, weights, n_features))
   arrays = parallel.put(device_data.host_arrays(dataset), parallel.replicated(mesh))
-  chunks = parallel.put(device_data.epoch_chunks(rows, n_steps, BATCH, per), chunk_sharding)
+  chunks, counts = zip(*device_data.epoch_chunks(rows, n_steps, BATCH, per))
+  assert counts == (per, per, 1)
+  chunks, counts = parallel.put((list(chunks), [np.int32(c) for c in counts]),
+                                (chunk_sharding, parallel.replicated(mesh)))
   scalars = jax.device_put((key, lr, noise), parallel.replicated(mesh))
   state = init(jax.random.key(0))
-  state, _ = device_chunk(state, arrays, chunks[0], *scalars)
+  state, _ = device_chunk(state, arrays, chunks[0], counts[0], *scalars)
   with jax.transfer_guard("disallow"):
-    for chunk in chunks[1:]:
-      state, _ = device_chunk(state, arrays, chunk, *scalars)
+    for chunk, count in zip(chunks[1:], counts[1:]):
+      state, measured = device_chunk(state, arrays, chunk, count, *scalars)
   assert device_chunk._cache_size() == 1
+  assert np.asarray(measured["finite"]).tolist() == [1.0] + [0.0] * (per - 1)  # One real step in the last chunk.
   jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), state.params,
                host_state.params)

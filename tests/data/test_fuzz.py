@@ -194,6 +194,7 @@ def test_random_inputs_train_or_get_a_clear_error(compiled_step, spec):
   event("loaded and trained a step")
   chunk = parallel.put(data_lib.steps_chunk(dataset, epoch_rows(dataset), 0, 1, BATCH_SIZE),
                        parallel.batch_sharding(compiled_step.mesh, 1))
-  _, measured = compiled_step.step(compiled_step.state, chunk, jax.random.key(1), np.float32(2e-3), np.float32(1.0))
+  _, measured = compiled_step.step(compiled_step.state, chunk, np.int32(1), jax.random.key(1), np.float32(2e-3),
+                                   np.float32(1.0))
   for term, value in jax.device_get(measured).items():
     assert np.isfinite(value).all(), term

@@ -27,7 +27,7 @@ def first_step():
   for name in config_lib.OPTIMIZERS:
     initial = steps.init_state(model, jax.random.key(0), name)
     train_chunk = jax.jit(steps.make_train_chunk(model, weights, name))
-    state, measured = train_chunk(initial, chunk, jax.random.key(1), np.float32(LR), np.float32(1.0))
+    state, measured = train_chunk(initial, chunk, np.int32(1), jax.random.key(1), np.float32(LR), np.float32(1.0))
     assert bool(measured["finite"][0])
     out[name] = jax.device_get((initial.params, state.params))
   return out

@@ -7,7 +7,6 @@ import shutil
 
 import anndata as ad
 import jax
-import ml_collections
 import numpy as np
 import pytest
 
@@ -51,7 +50,8 @@ def test_a_run_written_before_run_meta_loads_and_encodes_as_it_did(old_run):
 def test_a_run_written_before_run_meta_resumes_and_keeps_its_held_out_cells(old_run, capsys):
   replayed = run_outputs.load(old_run).heldout_ids  # No cells.json: the seeded draw of that version, replayed.
   assert len(replayed) == 60
-  config = ml_collections.ConfigDict(json.loads((old_run / "config.json").read_text()))
+  config = load_config()  # Keys added since that version keep their defaults, as in the user's config file.
+  config.update(json.loads((old_run / "config.json").read_text()))
   config.train.max_epochs = 3
   summary = trainer.train_and_evaluate(config, old_run)
   assert f"Continuing {old_run} from epoch 2, train.max_epochs 2 -> 3." in capsys.readouterr().out

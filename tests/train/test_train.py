@@ -87,7 +87,7 @@ def test_same_step_on_one_and_four_devices():
   for n_devices in (1, 4):
     mesh = parallel.make_mesh(n_devices)
     state, measured = jax.jit(train_chunk)(parallel.put(initial, parallel.replicated(mesh)),
-                                           parallel.put(chunk, parallel.batch_sharding(mesh, 1)),
+                                           parallel.put(chunk, parallel.batch_sharding(mesh, 1)), np.int32(1),
                                            jax.random.key(1), np.float32(2e-3), np.float32(1.0))
     results[n_devices] = jax.device_get((state.params, state.batch_stats, measured))
   (params_1, stats_1, losses_1), (params_4, stats_4, losses_4) = results[1], results[4]
@@ -120,8 +120,8 @@ def test_a_non_finite_step_changes_nothing_but_the_step_counter(matmul_dtype):
   train_chunk = jax.jit(steps.make_train_chunk(model, trainer.loss_weights(config, dataset.names)))
   for noise, finite in ((np.inf, False), (1.0, True)):
     state, measured = train_chunk(parallel.put(initial, parallel.replicated(mesh)),
-                                  parallel.put(chunk, parallel.batch_sharding(mesh, 1)), jax.random.key(1),
-                                  np.float32(2e-3), np.float32(noise))
+                                  parallel.put(chunk, parallel.batch_sharding(mesh, 1)), np.int32(1),
+                                  jax.random.key(1), np.float32(2e-3), np.float32(noise))
     assert int(state.step) == 1 and bool(measured["finite"][0]) == finite
     for name in ("params", "batch_stats", "opt_vae", "opt_dsc"):
       pairs = zip(jax.tree.leaves(getattr(state, name)), jax.tree.leaves(getattr(initial, name)))
