@@ -47,6 +47,12 @@ def modality(path: str = "", likelihood: str = "NB", **overrides) -> ml_collecti
   config.rep_layer = "X"  # Matrix the PCA is fitted on: a layer name or "X".
   config.rep_normalize = "none"  # Applied before the PCA: "none" | "log1p_cp10k" | "clr".
   config.rep_features = "all"  # PCA on "all" features or only the "decoder" features.
+  # How the PCA is solved: "randomized" (the reference's randomized SVD, 15 power iterations: about 34 passes over
+  # the training cells) or "gram" (exact top eigenvectors of the F x F Gram matrix of the standardised, clipped
+  # cells, built in one pass after the two of the mean and std; cells x F^2 work, F^2 float64 memory: for up to a few
+  # thousand features). LSI is always randomized.
+  config.rep_solver = "randomized"
+  config.rep_fit_cells = 0  # Fit the PCA / LSI on a seeded random subset of this many training cells; 0 = all.
   config.weight = 1.0  # modality_weight (rescaled to mean 1 over modalities).
   config.update(overrides)
   return config
@@ -163,6 +169,7 @@ def _check(ok: bool, key: str, value, allowed: str):
 def validate(config: ml_collections.ConfigDict):
   """Rejects impossible values before any data is read or anything is compiled."""
   # Imported here so that config files load without pulling in JAX.
+  from clue_jax.data.preprocess import PCA_SOLVERS
   from clue_jax.evaluate import evaluation
   from clue_jax.model.network import LIKELIHOODS
 
@@ -181,6 +188,11 @@ def validate(config: ml_collections.ConfigDict):
     _check(spec.rep_normalize in ("none", "log1p_cp10k", "clr"), f"{key}.rep_normalize", spec.rep_normalize,
            "none, log1p_cp10k or clr")
     _check(spec.rep_features in ("all", "decoder"), f"{key}.rep_features", spec.rep_features, "all or decoder")
+    _check(spec.rep_solver in PCA_SOLVERS, f"{key}.rep_solver", spec.rep_solver, " or ".join(PCA_SOLVERS))
+    _check(spec.rep_solver != "gram" or spec.rep != "lsi", f"{key}.rep_solver", spec.rep_solver,
+           "LSI is solved by randomized SVD only (its Gram matrix over 10^4+ peaks is too large); use randomized, "
+           "and rep_fit_cells to bound the cost")
+    _check(spec.rep_fit_cells >= 0, f"{key}.rep_fit_cells", spec.rep_fit_cells, "0 (all) or a positive integer")
     _check(spec.weight > 0, f"{key}.weight", spec.weight, "a positive number")
   _check(config.data.pair_by in ("obs_names", "none"), "data.pair_by", config.data.pair_by, "obs_names or none")
   _check(0 <= config.data.val_split < 1, "data.val_split", config.data.val_split, "a fraction in [0, 1)")

@@ -378,13 +378,16 @@ def representation_source(raw: RawModality, name: str):
 
 
 def fit_representation(raw: RawModality, name: str, train_rows: np.ndarray, seed: int) -> dict:
-  """Fits the PCA / LSI state on the training cells; {} when the representation is given or not used."""
+  """Fits the PCA / LSI state on the training cells (a seeded subset of `rep_fit_cells` of them when that is set and
+  smaller); {} when the representation is given or not used."""
   spec = raw.spec
   if spec.rep in ("none", "obsm"):
     return {}
+  if 0 < spec.rep_fit_cells < len(train_rows):
+    train_rows = np.sort(sampler.rep_fit_stream(seed).choice(train_rows, spec.rep_fit_cells, replace=False))
   source = representation_source(raw, name)[train_rows]
   if spec.rep == "pca":
-    return preprocess.state_to_arrays(preprocess.fit_pca(source, spec.rep_dim, seed=seed))
+    return preprocess.state_to_arrays(preprocess.fit_pca(source, spec.rep_dim, seed=seed, solver=spec.rep_solver))
   if spec.rep == "lsi":
     return preprocess.state_to_arrays(preprocess.fit_lsi(source, spec.rep_dim, seed=seed))
   raise DataError(f"data.modalities.{name}.rep={spec.rep!r}: use pca, lsi, obsm or none")

@@ -79,6 +79,11 @@ def val_epoch_stream(seed: int, epoch: int) -> np.random.Generator:
   return np.random.default_rng([seed, epoch, 1])
 
 
+def rep_fit_stream(seed: int) -> np.random.Generator:
+  """The training cells a PCA / LSI is fitted on when `rep_fit_cells` caps them."""
+  return np.random.default_rng([seed, 3])
+
+
 def eval_cells_stream(seed: int) -> np.random.Generator:
   """The subset of cell IDs scored during training (`evals.max_cells`)."""
   return np.random.default_rng([seed, 2])

@@ -1,12 +1,16 @@
 """Tests for clue_jax.data.preprocess on synthetic data."""
 
 import io
+import tracemalloc
 
+import anndata as ad
 import numpy as np
 import pytest
 import scipy.sparse as sp
 
-from clue_jax.data import preprocess as pp
+from clue_jax import config as config_lib
+from clue_jax.data import dataset as data_lib
+from clue_jax.data import preprocess as pp, sampler
 
 
 def _counts(n=120, f=40, seed=0, lam=1.0):
@@ -160,6 +164,85 @@ def test_pca_transform_uses_training_statistics():
   np.testing.assert_allclose(pp.transform_pca(state, new), z @ state.components.T, rtol=1e-5, atol=1e-4)
   refit = pp.fit_pca(new, 5)
   assert not np.allclose(refit.mean, state.mean)
+
+
+def _clipped_gamma(n=300, f=25, seed=1):
+  rng = np.random.default_rng(seed)
+  x = rng.gamma(0.5, 2.0, (n, f)) * (rng.random((n, f)) < 0.6)
+  x[0, 0] = 500.0  # gets clipped
+  x[:, 3] = 1.5  # constant
+  return x
+
+
+@pytest.mark.parametrize("sparse", [False, True])
+def test_pca_gram_matches_dense_svd(sparse):
+  x = _clipped_gamma()
+  state = pp.fit_pca(sp.csr_matrix(x) if sparse else x, 7, solver="gram")
+  mean, std, _ = _reference_pca(x, 7)
+  np.testing.assert_array_equal(state.mean, pp.fit_pca(x, 7).mean)  # The same statistics as the randomized fit.
+  np.testing.assert_array_equal(state.std, pp.fit_pca(x, 7).std)
+  z = np.clip((x - mean) / std, -10, 10)
+  assert z.max() == 10.0
+  _, s, vt = np.linalg.svd(z, full_matrices=False)
+  _assert_same_subspace(state.components, vt[:7], atol=1e-8)
+  np.testing.assert_allclose(np.square(z @ state.components.T).sum(0), s[:7] ** 2, rtol=1e-6)  # Explained variances.
+  flips = np.sign(vt[np.arange(7), np.abs(vt[:7]).argmax(1)])
+  np.testing.assert_allclose(state.components, vt[:7] * flips[:, None], atol=1e-8)  # Largest |entry| positive.
+  assert state.components.flags.c_contiguous and state.components.shape == (7, 25)
+
+
+def test_pca_gram_agrees_with_randomized_and_keeps_the_state_layout():
+  x = _low_rank(m=150, n=30, rank=4, seed=2)
+  gram, randomized = pp.fit_pca(x, 4, solver="gram"), pp.fit_pca(x, 4)
+  np.testing.assert_allclose(gram.components, randomized.components, atol=1e-6)  # Same vectors, same signs.
+  arrays, reference = pp.state_to_arrays(gram), pp.state_to_arrays(randomized)
+  assert {k: (v.shape, v.dtype) for k, v in arrays.items()} == {k: (v.shape, v.dtype) for k, v in reference.items()}
+  np.testing.assert_allclose(pp.transform_pca(gram, x), pp.transform_pca(randomized, x), atol=1e-4)
+  assert pp.fit_pca(x, 100, solver="gram").components.shape == (30, 30)  # Clamped like the randomized fit.
+  with pytest.raises(ValueError, match="solver"):
+    pp.fit_pca(x, 4, solver="exact")
+
+
+def test_pca_gram_streams_row_chunks(monkeypatch):
+  """Three passes over the rows (mean, std, Gram), each densifying one chunk at a time; chunking changes nothing."""
+  x = sp.csr_matrix(_clipped_gamma(n=10_000, f=80, seed=3))
+  whole = pp.fit_pca(x, 6, solver="gram")
+  monkeypatch.setattr(pp, "_MAX_CHUNK_ROWS", 100)
+  passes, rows = [], []
+  chunks = pp._row_chunks
+
+  def counted(matrix):
+    passes.append(1)
+    for start, stop, block in chunks(matrix):
+      rows.append(len(block))
+      yield start, stop, block
+
+  monkeypatch.setattr(pp, "_row_chunks", counted)
+  tracemalloc.start()
+  chunked = pp.fit_pca(x, 6, solver="gram")
+  peak = tracemalloc.get_traced_memory()[1]
+  tracemalloc.stop()
+  assert len(passes) == 3 and max(rows) == 100 and sum(rows) == 3 * 10_000
+  assert peak < 10_000 * 80 * 8 / 8  # Well under one dense copy of x.
+  np.testing.assert_allclose(chunked.components, whole.components, atol=1e-10)
+
+
+def test_fit_representation_solver_and_cell_subset():
+  """rep_solver reaches fit_pca and rep_fit_cells fits on a seeded subset of the training rows."""
+  counts = sp.csr_matrix(np.random.default_rng(0).poisson(2.0, (200, 30)).astype(np.float32))
+  adata = ad.AnnData(counts, obs={"batch": ["a"] * 200})
+  adata.obs_names, adata.var_names = [f"c{i}" for i in range(200)], [f"g{j}" for j in range(30)]
+  rows = np.arange(0, 200, 2)
+  for solver in pp.PCA_SOLVERS:
+    for cells in (0, 40, 500):
+      spec = config_lib.modality("", layer="X", feature_selection="all", rep_dim=5, rep_normalize="log1p_cp10k",
+                                 rep_solver=solver, rep_fit_cells=cells)
+      raw = data_lib.read_modality("rna", spec, adata=adata)
+      state = pp.state_from_arrays(data_lib.fit_representation(raw, "rna", rows, seed=3))
+      used = rows if cells in (0, 500) else np.sort(sampler.rep_fit_stream(3).choice(rows, cells, replace=False))
+      expected = pp.fit_pca(pp.log1p_cp10k(counts[used]), 5, seed=3, solver=solver)
+      np.testing.assert_array_equal(state.mean, expected.mean)
+      np.testing.assert_array_equal(state.components, expected.components)
 
 
 # --------------------------------------------------------------------- LSI
