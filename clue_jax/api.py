@@ -102,11 +102,17 @@ class Run:
   def encode(self, adata, modality: str | None = None, key_added: str = "X_clue", inplace: bool = False):
     """Posterior means over all K x latent_dim dimensions of `modality`'s cells.
 
-    Returns a new AnnData (obs copied, the embedding in obsm[key_added]); with `inplace=True` it writes
-    obsm[key_added] of the given AnnData (of the modality's AnnData in a MuData) and returns None.
-    With no `modality`, `adata` is a MuData and every modality of the run in it is encoded: each into its
-    `mod[m].obsm[key_added]`, and the joint embedding (per cell, the mean over the modalities it was measured in, as
-    training averages them) into the MuData's `obsm[key_added]`; a new MuData, or with `inplace=True` the given one.
+    Args:
+      adata: an AnnData of the modality, or a MuData holding it.
+      modality: one of `self.modalities`; None encodes every modality of the run that the MuData `adata` holds,
+        each into its `mod[m].obsm[key_added]`, and the joint embedding (per cell, the mean over the modalities it
+        was measured in, as training averages them) into the MuData's `obsm[key_added]`.
+      key_added: the obsm key written.
+      inplace: write into the given object instead of a new one.
+
+    Returns:
+      A new AnnData (obs copied, the embedding in obsm[key_added]) or, without `modality`, a new MuData; None with
+      `inplace=True`.
     """
     if modality is None:
       return self._encode_mudata(adata, key_added, inplace)
@@ -167,17 +173,21 @@ class Run:
               library_size=None) -> ad.AnnData:
     """The target modality's expected values for the source cells in `adata`.
 
-    Returns a new AnnData: obs copied from the source cells, var = the target's training features, X = the mean of
-    the target decoder's distribution (NB: expected counts at the library size; Bernoulli: probabilities; ZIN /
-    ZILN: zero inflation included).
+    Args:
+      adata: an AnnData of the source modality, or a MuData holding it.
+      source, target: two of `self.modalities`.
+      batch: the target batch every cell is decoded with; None = each cell's own (obs column of the target's
+        `batch_key`), which the target must know.
+      normalized: False (the likelihood's scale), "clr" (Seurat's CLR of the expected counts, the competition's ADT
+        scale) or "log1p" / True (log1p of the expected counts rescaled to the target's median training total, a
+        log-normalised scale like the competition's GEX); NB targets only.
+      library_size: NB targets: a number or one per cell; default: the source encoder's estimate when the source is
+        NB, else the target's median total counts over its training cells.
 
-    batch: the target batch every cell is decoded with; None = each cell's own (obs column of the target's
-    `batch_key`), which the target must know.
-    normalized: False (the likelihood's scale), "clr" (Seurat's CLR of the expected counts, the competition's ADT
-    scale) or "log1p" / True (log1p of the expected counts rescaled to the target's median training total, a
-    log-normalised scale like the competition's GEX); NB targets only.
-    library_size: NB targets: a number or one per cell; default: the source encoder's estimate when the source is
-    NB, else the target's median total counts over its training cells.
+    Returns:
+      A new AnnData: obs copied from the source cells, var = the target's training features, X = the mean of the
+      target decoder's distribution (NB: expected counts at the library size; Bernoulli: probabilities; ZIN / ZILN:
+      zero inflation included).
     """
     source, target = self._check_modality(source), self._check_modality(target)
     if source == target:
@@ -264,9 +274,17 @@ class Run:
   def match(self, adata_a, modality_a: str, adata_b, modality_b: str, method: str = "snn", k: int = 1,
             batch_key: str | None = None, epsilon: float = 0.01, n_iter: int = 500,
             top_k: int = matching.MAX_NONZEROS_PER_ROW) -> Matching:
-    """Matches the cells of `adata_a` to those of `adata_b` in the shared embedding (within the batches of the
-    obs column `batch_key` when given): "snn" (shared nearest neighbours, `k`) or "sinkhorn" (entropic optimal
-    transport, `epsilon`, `n_iter`, `top_k` weights kept per row)."""
+    """Matches the cells of `adata_a` to those of `adata_b` in the shared embedding.
+
+    Args:
+      adata_a, modality_a, adata_b, modality_b: the two sets of cells (AnnData, or MuData holding the modality).
+      method: "snn" (shared nearest neighbours, `k` of them, as the competition) or "sinkhorn" (entropic optimal
+        transport, `epsilon`, at most `n_iter` iterations, `top_k` weights kept per row).
+      batch_key: an obs column of both: cells match only within their batch.
+
+    Returns:
+      A `Matching`: the (a cells x b cells) pairing matrix, rows summing to 1, and each a cell's best partner.
+    """
     return match_cells(self, adata_a, modality_a, adata_b, modality_b, method, k, batch_key, epsilon, n_iter, top_k)
 
   # ------------------------------------------------------------------------------------------------ plumbing

@@ -124,12 +124,16 @@ def get_config() -> ml_collections.ConfigDict:
   config.train.monitor = "val_loss"
   config.train.keep_best = 3  # Best checkpoints kept; the latest of them is restored at the end.
   config.train.checkpoint_interval_s = 30.0  # Latest checkpoint at most this often (and at the end); 0 = every epoch.
-  config.train.steps_per_dispatch = 8  # Train steps run in one jitted lax.scan.
+  config.train.steps_per_dispatch = 8  # Train steps run in one jitted loop (one dispatch).
   # Keep the training data on the devices (sparse counts row-padded) and gather each minibatch inside the step;
   # False densifies minibatches on the host and sends them (for data that does not fit in device memory).
   config.train.data_on_device = True
   config.train.num_devices = 0  # 0 = all local devices.
   config.train.progress = True  # Progress bar on stderr.
+  # JAX's persistent compilation cache, so that the next run of the same model does not compile again: "auto" (a
+  # per-user directory, $XDG_CACHE_HOME/clue_jax/jit or ~/.cache/clue_jax/jit), a directory, or "" (off). A cache
+  # directory set before training (jax.config) is left as it is.
+  config.train.compilation_cache = "auto"
 
   # Evaluation during and after training (clue_jax/evaluate/); none of it changes the training itself.
   config.evals = ml_collections.ConfigDict()
@@ -295,6 +299,7 @@ def comparable(config_dict: dict) -> dict:
   """The config without the keys that may change between a run and its resumption."""
   out = json.loads(json.dumps(config_dict))
   out["train"].pop("progress", None)
+  out["train"].pop("compilation_cache", None)  # Where compiled programs are kept does not change training.
   out.pop("evals", None)  # Evaluation settings do not change training.
   return out
 

@@ -10,6 +10,8 @@ knows every global batch; it reads and densifies only `process_rows` of each (th
 single-process call (`jax.device_put`, `jax.device_get`), so nothing changes there.
 """
 
+import os
+
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
@@ -35,6 +37,20 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
   jax.distributed.initialize(coordinator_address, num_processes, process_id)
   if jax.process_count() > 1 and jax.default_backend() == "cpu":
     jax.config.update("jax_enable_compilation_cache", False)
+
+
+def use_compilation_cache(directory: str):
+  """Turns JAX's persistent compilation cache on in `directory` ("auto": a per-user cache directory; "": off).
+
+  Left as it is when a cache directory is already set (by the user, a test, or a run before in this process) or the
+  cache was switched off (`initialize` on CPU).
+  """
+  if not directory or jax.config.jax_compilation_cache_dir or not jax.config.jax_enable_compilation_cache:
+    return
+  if directory == "auto":
+    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    directory = os.path.join(root, "clue_jax", "jit")
+  jax.config.update("jax_compilation_cache_dir", directory)
 
 
 def is_main_process() -> bool:

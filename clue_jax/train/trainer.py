@@ -275,6 +275,7 @@ def train_and_evaluate(config, workdir, init_from=None, inputs=None) -> dict:
     on, `DataError` / `ConfigError` for bad input.
   """
   config_lib.validate(config)
+  parallel.use_compilation_cache(config.train.compilation_cache)
   workdir = pathlib.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   ckpts = checkpoint.Checkpoints(workdir / "checkpoints", config.train.keep_best)

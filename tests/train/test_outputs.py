@@ -127,3 +127,18 @@ def test_state_digest_sees_every_bit():
   flipped["params"]["w"].view(np.uint32)[0, 0] ^= 1
   assert checkpoint.state_digest(state) == checkpoint.state_digest(jax.tree.map(np.copy, state))
   assert checkpoint.state_digest(state) != checkpoint.state_digest(flipped)
+
+
+def test_the_compilation_cache_is_on_by_default_and_a_directory_set_before_is_kept(tmp_path, monkeypatch):
+  before = jax.config.jax_compilation_cache_dir
+  try:
+    parallel.use_compilation_cache("auto")
+    assert jax.config.jax_compilation_cache_dir == before  # Set by tests/conftest.py: kept.
+    jax.config.update("jax_compilation_cache_dir", None)
+    parallel.use_compilation_cache("")
+    assert jax.config.jax_compilation_cache_dir is None
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    parallel.use_compilation_cache("auto")
+    assert jax.config.jax_compilation_cache_dir == str(tmp_path / "clue_jax" / "jit")
+  finally:
+    jax.config.update("jax_compilation_cache_dir", before)
