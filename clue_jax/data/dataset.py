@@ -9,6 +9,7 @@ Counts stay sparse (CSR) in memory; `minibatch` densifies only the rows it is as
 
 import dataclasses
 import pathlib
+import time
 import warnings
 
 import anndata as ad
@@ -478,7 +479,8 @@ def multi_modal(pairing: sampler.Pairing, ids: np.ndarray) -> np.ndarray:
 
 
 def load_dataset(data, seed: int, *, batch_size: int = 1, monitor: str = "val_loss", shared_batches: bool = False,
-                 fitted: Fitted | None = None, new_batches: bool = False, inputs: dict | None = None) -> Dataset:
+                 fitted: Fitted | None = None, new_batches: bool = False, inputs: dict | None = None,
+                 report=lambda message: None) -> Dataset:
   """Reads, checks, pairs, splits and preprocesses every modality of `data` (a config's `data` group).
 
   Args:
@@ -492,6 +494,7 @@ def load_dataset(data, seed: int, *, batch_size: int = 1, monitor: str = "val_lo
     new_batches: with `fitted` (fine-tuning), append batch categories the model never saw, in sorted order, instead
       of refusing them.
     inputs: {modality: AnnData} in memory (e.g. from `clue_jax.fit`) instead of the files of those modalities.
+    report: called with a line on each step that takes time (each modality read, each representation fitted).
 
   Returns:
     The `Dataset`. Raises `DataError` naming the file, the field and the fix for bad input.
@@ -503,7 +506,10 @@ def load_dataset(data, seed: int, *, batch_size: int = 1, monitor: str = "val_lo
   for name in names:
     trained = None if fitted is None else {"features": fitted.features[name],
                                            "rep_features": fitted.rep_features.get(name)}
+    started = time.perf_counter()
     raws[name] = read_modality(name, data.modalities[name], data.count_check, trained, (inputs or {}).get(name))
+    report(f"{name}: read {raws[name].counts.shape[0]:,} cells x {raws[name].counts.shape[1]:,} features of "
+           f"{raws[name].path} in {time.perf_counter() - started:.1f} s")
   pairing = sampler.pair_cells({n: r.adata.obs_names for n, r in raws.items()}, data.pair_by)
   check_pairs(pairing, raws, data.pair_by)
   rng = sampler.split_stream(seed)
@@ -534,7 +540,11 @@ def load_dataset(data, seed: int, *, batch_size: int = 1, monitor: str = "val_lo
       if rows.size == 0:
         raise DataError(f"{raws[name].path}: no cell of modality {name!r} lands in the training split; lower "
                         f"data.val_split or add cells")
+      started = time.perf_counter()
       state, batch_categories = fit_representation(raws[name], name, rows, seed), None
+      if state:
+        report(f"{name}: {data.modalities[name].rep.upper()} fitted on {rows.size:,} training cells in "
+               f"{time.perf_counter() - started:.1f} s")
     modalities[name] = build_modality(name, raws[name], state, batch_categories, label_categories)
   if shared_batches:
     lists = {n: m.batch_categories for n, m in modalities.items()}

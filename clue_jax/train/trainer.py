@@ -10,6 +10,7 @@ files (config.json, metrics.jsonl, tb/, embeddings/, summary.json, plots/). The 
 every process sees (a shared file system), as Orbax requires for the checkpoints.
 """
 
+import contextlib
 import json
 import math
 import pathlib
@@ -35,11 +36,25 @@ from clue_jax.train.errors import ConfigMismatch, NoFinishedRun, TrainingError
 
 # ------------------------------------------------------------------------------------------------ model setup
 def load_data(config, fitted: data_lib.Fitted | None = None, new_batches: bool = False,
-              inputs: dict | None = None) -> data_lib.Dataset:
+              inputs: dict | None = None, report=lambda message: None) -> data_lib.Dataset:
   """The `Dataset` that `config` trains on (see `data_lib.load_dataset` for the arguments)."""
   return data_lib.load_dataset(config.data, config.seed, batch_size=config.train.batch_size,
                                monitor=config.train.monitor, shared_batches=config.model.shared_batches,
-                               fitted=fitted, new_batches=new_batches, inputs=inputs)
+                               fitted=fitted, new_batches=new_batches, inputs=inputs, report=report)
+
+
+def log(message: str):
+  """A line on stdout from process 0: where a run spends the time before and after its epochs."""
+  if parallel.is_main_process():
+    print(f"clue_jax: {message}", flush=True)
+
+
+@contextlib.contextmanager
+def stage(name: str):
+  """Logs `name` and how long it took."""
+  started = time.perf_counter()
+  yield
+  log(f"{name} in {time.perf_counter() - started:.1f} s")
 
 
 def loss_weights(config, names) -> losses.Weights:
@@ -293,7 +308,8 @@ def train_and_evaluate(config, workdir, init_from=None, inputs=None) -> dict:
   if resumed is None and init_from is not None:
     source = finished_source(pathlib.Path(init_from), config)
   fitted = resumed.fitted if resumed is not None else source.saved.fitted if source is not None else None
-  dataset = load_data(config, fitted, new_batches=source is not None, inputs=inputs)
+  with stage("data read and preprocessed"):
+    dataset = load_data(config, fitted, new_batches=source is not None, inputs=inputs, report=log)
   args = run_dir.model_args(config, dataset)
   model = args.build()
   weights = loss_weights(config, dataset.names)
@@ -344,6 +360,7 @@ def train_and_evaluate(config, workdir, init_from=None, inputs=None) -> dict:
   bar = progress.ProgressBar(schedule.plan.max_epochs, enabled=config.train.progress and main)
   n_params = steps.count_params(state.params)
   last_save = -math.inf  # The first epoch is always checkpointed.
+  first_epoch = schedule.epoch + 1
 
   # Loop.
   while not schedule.done:
@@ -389,6 +406,9 @@ def train_and_evaluate(config, workdir, init_from=None, inputs=None) -> dict:
     record.update(events)
     record["time/epoch_s"] = time.time() - started
     record["time/cells_per_s"] = n_steps * batch_size / record["time/epoch_s"]
+    if epoch == first_epoch:
+      log(f"epoch {epoch} (its programs compiled, unless the compilation cache held them) in "
+          f"{record['time/epoch_s']:.1f} s")
     record.update(evaluations(epoch, state))
     is_best = schedule.keep_as_best(epoch, monitored, config.train.keep_best)
     save_latest = parallel.agree(schedule.done or time.time() - last_save >= config.train.checkpoint_interval_s)
@@ -410,7 +430,8 @@ def train_and_evaluate(config, workdir, init_from=None, inputs=None) -> dict:
     best = None
   if best is not None:
     final_epoch, state = best
-  shapes = write_embeddings(encoder, state, dataset, config, workdir / "embeddings")
+  with stage("embeddings encoded and written"):
+    shapes = write_embeddings(encoder, state, dataset, config, workdir / "embeddings")
   summary = {"epochs_run": schedule.epoch, "restored_epoch": final_epoch, "plan": schedule.to_json()["plan"],
              "early_stopped": schedule.stopped and schedule.epoch < schedule.plan.max_epochs,
              "n_params": n_params, "heldout_foscttm": heldout_foscttm(encoder, state, dataset),

@@ -294,7 +294,12 @@ def test_a_finished_run_goes_on_when_only_its_epoch_budget_grows(smoke_run, tmp_
   workdir = tmp_path / "run"
   trainer.train_and_evaluate(load_config(max_epochs=2), workdir)
   summary = trainer.train_and_evaluate(load_config(), workdir)
-  assert f"Continuing {workdir} from epoch 2, train.max_epochs 2 -> {EPOCHS}." in capsys.readouterr().out
+  out = capsys.readouterr().out
+  assert f"Continuing {workdir} from epoch 2, train.max_epochs 2 -> {EPOCHS}." in out
+  for line in (r"clue_jax: rna: read 600 cells x 1,000 features of \S+rna.h5ad in \d+\.\d s",
+               r"clue_jax: data read and preprocessed in \d+\.\d s", r"clue_jax: epoch 3 \(its programs compiled",
+               r"clue_jax: embeddings encoded and written in \d+\.\d s"):
+    assert re.search(line, out), line
   records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
   assert [r["epoch"] for r in records] == list(range(1, EPOCHS + 1))
   continued = [None, None, {"train.max_epochs": [2, EPOCHS]}] + [None] * (EPOCHS - 3)
