@@ -125,7 +125,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.train.keep_best = 3  # Best checkpoints kept; the latest of them is restored at the end.
   config.train.checkpoint_interval_s = 30.0  # Latest checkpoint at most this often (and at the end); 0 = every epoch.
   config.train.steps_per_dispatch = 8  # Train steps run in one jitted loop (one dispatch).
-  # Keep the training data on the devices (sparse counts row-padded) and gather each minibatch inside the step;
+  # Keep the training data on the devices (sparse counts as CSR) and gather each minibatch inside the step;
   # False densifies minibatches on the host and sends them (for data that does not fit in device memory).
   config.train.data_on_device = True
   config.train.num_devices = 0  # 0 = all local devices.

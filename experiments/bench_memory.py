@@ -5,7 +5,7 @@
 
 Generates (once, in `--dir`) NB-like counts: RNA cells x `--features` as a CSR .h5ad (~7 % non-zero, written in
 row blocks) and 100 dense-ish ADT-like features, paired, 2 batches; then trains the library-default model for
-`--epochs` with `trainer.train_and_evaluate` (data on the devices, row-padded sparse, unless --host-data) and prints
+`--epochs` with `trainer.train_and_evaluate` (data on the devices as CSR, unless --host-data) and prints
 JSON: peak resident memory of this process (VmHWM), cells/s of the last epoch and the time split.
 """
 

@@ -1,45 +1,42 @@
 """Training data kept on the devices; minibatches are gathered, and sparse counts densified, inside the jitted step.
 
-Counts are stored row-padded sparse (each row's non-zeros, padded to the longest row with value 0), so that nothing
-is ever densified whole: a step scatters only its rows' non-zeros into a dense (batch, features) block. An epoch then
-costs one explicit host-to-device copy of its row indices, and none per step.
+Counts are stored as they are in CSR (the non-zeros' columns and values in one flat array each, and each cell's
+offset into them), so the devices hold about the CSR's size, never the counts densified or padded to the longest cell.
+A step reads its rows' non-zeros (up to the longest cell's number, a static width) and scatters them into a dense
+(batch, features) block. An epoch then costs one explicit host-to-device copy of its row indices, and none per step.
 """
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import scipy.sparse as sp
 
 from clue_jax.batch import Batch, ModalityBatch, padded_steps
 from clue_jax.data import dataset as data_lib, sampler
 
 
-def padded_rows(counts: sp.csr_matrix) -> tuple[np.ndarray, np.ndarray]:
-  """(columns, values), each (cells, longest row): every row's non-zeros, padded with column 0 and value 0."""
-  counts = counts.tocsr()
-  lengths = np.diff(counts.indptr)
-  width = max(int(lengths.max(initial=0)), 1)
-  position = np.arange(counts.nnz) - np.repeat(counts.indptr[:-1], lengths)
-  row = np.repeat(np.arange(counts.shape[0]), lengths)
-  columns = np.zeros((counts.shape[0], width), np.int32)
-  values = np.zeros((counts.shape[0], width), np.float32)
-  columns[row, position] = counts.indices
-  values[row, position] = counts.data
-  return columns, values
-
-
 def host_arrays(dataset: data_lib.Dataset) -> dict:
-  """The per-cell arrays of every modality, ready to be put on the devices."""
+  """The per-cell arrays of every modality, ready to be put on the devices: counts as CSR (`indptr`, `indices`,
+  `values`), batch and label indices, and the representation and log-factorials where the modality has them."""
   out = {}
   for name, m in dataset.modalities.items():
-    columns, values = padded_rows(m.counts)
-    arrays = {"columns": columns, "values": values, "batch": m.batch, "label": m.label}
+    counts = m.counts.tocsr()
+    if counts.nnz >= 2**31:
+      raise data_lib.DataError(f"{m.path}: {counts.nnz:,} non-zeros in {name!r}, more than the devices index with "
+                               f"int32; train with --config.train.data_on_device=False")
+    arrays = {"indptr": counts.indptr.astype(np.int32), "indices": counts.indices.astype(np.int32),
+              "values": counts.data.astype(np.float32), "batch": m.batch, "label": m.label}
     if m.rep is not None:
       arrays["rep"] = m.rep
     if m.log_factorial is not None:
       arrays["log_factorial"] = m.log_factorial
     out[name] = arrays
   return out
+
+
+def widths(dataset: data_lib.Dataset) -> dict:
+  """{modality: (features, the longest cell's non-zeros)}: the static shapes `gather` needs."""
+  return {n: (m.counts.shape[1], max(int(np.diff(m.counts.indptr).max(initial=0)), 1))
+          for n, m in dataset.modalities.items()}
 
 
 def epoch_chunks(epoch_rows: sampler.EpochRows, n_steps: int, batch_size: int, steps_per_chunk: int) -> list:
@@ -58,15 +55,21 @@ def epoch_chunks(epoch_rows: sampler.EpochRows, n_steps: int, batch_size: int, s
            min(length, n_steps - first)) for first in range(0, n_steps, length)]
 
 
-def gather(arrays: dict, indices: dict, n_features: dict) -> Batch:
-  """One step's minibatch, as `data_lib.minibatch` builds it on the host, from device-resident arrays and (batch,)
-  indices."""
+def gather(arrays: dict, indices: dict, shapes: dict) -> Batch:
+  """One step's minibatch, as `data_lib.minibatch` builds it on the host, from device-resident arrays, (batch,)
+  indices and the static `widths`."""
   modalities = {}
   for name, modality in arrays.items():
     rows = indices["rows"][name]
-    size = rows.shape[0]
-    dense = jnp.zeros((size, n_features[name]), modality["values"].dtype)
-    counts = dense.at[jnp.arange(size)[:, None], modality["columns"][rows]].add(modality["values"][rows])
+    n_features, width = shapes[name]
+    start = modality["indptr"][rows]
+    position = jnp.arange(width)
+    held = position[None, :] < (modality["indptr"][rows + 1] - start)[:, None]
+    flat = jnp.minimum(start[:, None] + position[None, :], modality["values"].shape[0] - 1)
+    columns = jnp.where(held, modality["indices"][flat], 0)
+    values = jnp.where(held, modality["values"][flat], 0.0)
+    dense = jnp.zeros((rows.shape[0], n_features), values.dtype)
+    counts = dense.at[jnp.arange(rows.shape[0])[:, None], columns].add(values)
     optional = {key: modality[key][rows] for key in ("rep", "log_factorial") if key in modality}
     modalities[name] = ModalityBatch(counts=counts, batch=modality["batch"][rows], label=modality["label"][rows],
                                      mask=indices["masks"][name], **optional)

@@ -145,19 +145,19 @@ def make_train_chunk(model: CLUE, weights: losses.Weights, optimizer: str = "rms
   return chunk
 
 
-def make_device_train_chunk(model: CLUE, weights: losses.Weights, n_features: dict, optimizer: str = "rmsprop"):
+def make_device_train_chunk(model: CLUE, weights: losses.Weights, widths: dict, optimizer: str = "rmsprop"):
   """As `make_train_chunk`, with the data on the devices: `chunk(state, arrays, indices, n_steps, key, lr,
   noise_scale)`.
 
   `arrays` are `device_data.host_arrays` put on the devices, `indices` one of `device_data.epoch_chunks` put on
-  the devices; each step gathers its own minibatch.
+  the devices, `widths` `device_data.widths`; each step gathers its own minibatch.
   """
   step = make_train_step(model, weights, optimizer)
 
   def chunk(state, arrays, indices, n_steps, key, lr, noise_scale):
     length = indices["valid"].shape[0]
     return steps_loop(lambda s, b: step(s, b, key, lr, noise_scale), state, n_steps, length,
-                      lambda i: device_data.gather(arrays, jax.tree.map(lambda a: a[i], indices), n_features))
+                      lambda i: device_data.gather(arrays, jax.tree.map(lambda a: a[i], indices), widths))
 
   return chunk
 

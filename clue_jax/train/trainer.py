@@ -244,9 +244,9 @@ def make_epoch_runner(config, model: CLUE, weights: losses.Weights, dataset: dat
   batch_size, replicated = config.train.batch_size, parallel.replicated(mesh)
   chunk_sharding = parallel.batch_sharding(mesh, batch_axis=1)
   if config.train.data_on_device:
-    n_features = {n: m.counts.shape[1] for n, m in dataset.modalities.items()}
     arrays = parallel.put(device_data.host_arrays(dataset), replicated)
-    chunk_fn = jax.jit(steps.make_device_train_chunk(model, weights, n_features, optimizer), donate_argnums=0)
+    chunk_fn = jax.jit(steps.make_device_train_chunk(model, weights, device_data.widths(dataset), optimizer),
+                       donate_argnums=0)
 
     def chunks(rows, n_steps):
       indices, counts = zip(*device_data.epoch_chunks(rows, n_steps, batch_size, per))

@@ -7,7 +7,6 @@ import pathlib
 import jax
 import numpy as np
 import pytest
-import scipy.sparse as sp
 
 from clue_jax import batch as batch_lib
 from clue_jax.data import dataset as data_lib, device_data, sampler
@@ -29,25 +28,24 @@ def setup():
   return config, dataset, mesh, rows
 
 
-def test_padded_rows_hold_every_non_zero():
-  counts = sp.random(7, 9, density=0.3, format="lil", random_state=0, dtype=np.float32)
-  counts[3] = 0.0
-  counts = counts.tocsr()
-  columns, values = device_data.padded_rows(counts)
-  assert columns.shape == (7, max(np.diff(counts.indptr)))
-  dense = np.zeros((7, 9), np.float32)
-  np.add.at(dense, (np.arange(7)[:, None], columns), values)
-  np.testing.assert_array_equal(dense, counts.toarray())
+def test_the_devices_hold_the_counts_at_their_csr_size(setup):
+  """Counts on the devices cost their non-zeros (not the longest cell's number for every cell)."""
+  _, dataset, _, _ = setup
+  arrays = device_data.host_arrays(dataset)
+  for name, m in dataset.modalities.items():
+    assert arrays[name]["values"].shape == arrays[name]["indices"].shape == (m.counts.nnz,)
+    assert arrays[name]["indptr"].shape == (m.counts.shape[0] + 1,)
+    longest = device_data.widths(dataset)[name][1]
+    assert longest == np.diff(m.counts.indptr).max() and m.counts.nnz < m.counts.shape[0] * longest
 
 
 def test_gathered_minibatch_equals_host_minibatch(setup):
   _, dataset, _, rows = setup
   indices, count = device_data.epoch_chunks(rows, 2, BATCH, 2)[0]
   assert count == 2
-  n_features = {n: m.counts.shape[1] for n, m in dataset.modalities.items()}
   arrays = device_data.host_arrays(dataset)
   for step in range(2):
-    gathered = device_data.gather(arrays, jax.tree.map(lambda a: a[step], indices), n_features)
+    gathered = device_data.gather(arrays, jax.tree.map(lambda a: a[step], indices), device_data.widths(dataset))
     host = data_lib.steps_chunk(dataset, rows, step, 1, BATCH)
     jax.tree.map(lambda g, h: np.testing.assert_array_equal(np.asarray(g), h[0]), gathered, host)
 
@@ -72,8 +70,7 @@ def test_device_chunk_trains_like_the_host_chunk_without_transfers_or_recompiles
     host_state, _ = host_chunk(host_state, parallel.put(batches, chunk_sharding), np.int32(count), key, lr, noise)
   assert host_chunk._cache_size() == 1
 
-  n_features = {n: m.counts.shape[1] for n, m in dataset.modalities.items()}
-  device_chunk = jax.jit(steps.make_device_train_chunk(model, weights, n_features))
+  device_chunk = jax.jit(steps.make_device_train_chunk(model, weights, device_data.widths(dataset)))
   arrays = parallel.put(device_data.host_arrays(dataset), parallel.replicated(mesh))
   chunks, counts = zip(*device_data.epoch_chunks(rows, n_steps, BATCH, per))
   assert counts == (per, per, 1)
