@@ -1,4 +1,8 @@
-"""Every config file in configs/ loads, validates and points at data that exists (with its default argument)."""
+"""Every config file in configs/ loads, validates and points at data that exists (with its default argument).
+
+Configs of data kept outside the repository (the shared real data sets) are validated everywhere; their data check is
+skipped where that data is absent (CI).
+"""
 
 import pathlib
 
@@ -6,7 +10,8 @@ import pytest
 
 from clue_jax import config as config_lib
 
-CONFIGS = pathlib.Path(__file__).resolve().parent.parent / "configs"
+REPO = pathlib.Path(__file__).resolve().parent.parent
+CONFIGS = REPO / "configs"
 FILES = sorted(p for p in CONFIGS.rglob("*.py") if "def get_config" in p.read_text())
 
 
@@ -15,7 +20,10 @@ def test_config_file_validates(path):
   config = config_lib.load_module(path).get_config()
   config_lib.validate(config)
   for name, spec in config.data.modalities.items():
-    assert pathlib.Path(spec.path).is_file(), (name, spec.path)
+    path = pathlib.Path(spec.path)
+    if not path.is_file() and not path.resolve().is_relative_to(REPO):
+      pytest.skip(f"data outside the repository is absent: {name} at {spec.path} (set CLUE_JAX_SHARED_DATA)")
+    assert path.is_file(), (name, spec.path)
 
 
 def test_every_plus_config_is_its_faithful_config_with_the_recipe_on():
