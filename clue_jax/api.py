@@ -285,7 +285,7 @@ class Run:
     Returns:
       A `Matching`: the (a cells x b cells) pairing matrix, rows summing to 1, and each a cell's best partner.
     """
-    return match_cells(self, adata_a, modality_a, adata_b, modality_b, method, k, batch_key, epsilon, n_iter, top_k)
+    return _match_cells(self, adata_a, modality_a, adata_b, modality_b, method, k, batch_key, epsilon, n_iter, top_k)
 
   # ------------------------------------------------------------------------------------------------ plumbing
   def _check_modality(self, modality: str) -> str:
@@ -395,10 +395,10 @@ class Ensemble:
             batch_key: str | None = None, epsilon: float = 0.01, n_iter: int = 500,
             top_k: int = matching.MAX_NONZEROS_PER_ROW) -> Matching:
     """`Run.match` on the ensemble's embedding."""
-    return match_cells(self, adata_a, modality_a, adata_b, modality_b, method, k, batch_key, epsilon, n_iter, top_k)
+    return _match_cells(self, adata_a, modality_a, adata_b, modality_b, method, k, batch_key, epsilon, n_iter, top_k)
 
 
-def match_cells(model, adata_a, modality_a: str, adata_b, modality_b: str, method: str, k: int,
+def _match_cells(model, adata_a, modality_a: str, adata_b, modality_b: str, method: str, k: int,
                 batch_key: str | None, epsilon: float, n_iter: int, top_k: int) -> Matching:
   """`Run.match` for anything with `modality_data` and `embed` (a Run or an Ensemble)."""
   if method not in ("snn", "sinkhorn"):
