@@ -247,11 +247,11 @@ def validate(config: ml_collections.ConfigDict):
     raise ConfigError(f"evals.metrics={config.evals.metrics!r}: {e}") from e
 
 
-def _leaves(config, prefix: str = ""):
+def leaves(config, prefix: str = ""):
   """(dotted key, value) for every non-group field of a ConfigDict or of its `to_dict()`."""
   for key, value in config.items():
     if isinstance(value, (ml_collections.ConfigDict, dict)):
-      yield from _leaves(value, f"{prefix}{key}.")
+      yield from leaves(value, f"{prefix}{key}.")
     else:
       yield f"{prefix}{key}", value
 
@@ -261,7 +261,7 @@ def default_value(key: str):
   parts = key.split(".")
   if parts[:2] == ["data", "modalities"] and len(parts) == 4:
     return modality()[parts[3]]
-  return dict(_leaves(get_config()))[key]
+  return dict(leaves(get_config()))[key]
 
 
 def _typed(key: str, default, value):
@@ -280,18 +280,18 @@ def _typed(key: str, default, value):
 def apply_overrides(config: ml_collections.ConfigDict, overrides: dict) -> ml_collections.ConfigDict:
   """A copy of `config` with flat overrides such as `{"loss.lam_align": 0.0}`, checked as `--config.KEY=VALUE` is."""
   config = copy.deepcopy(config)
-  leaves = dict(_leaves(config))
+  known = dict(leaves(config))
   for key, value in overrides.items():
-    if key not in leaves:
-      inside = [k for k in leaves if k.startswith(f"{key}.")]
-      close = inside[:3] or difflib.get_close_matches(key, leaves, n=3)
+    if key not in known:
+      inside = [k for k in known if k.startswith(f"{key}.")]
+      close = inside[:3] or difflib.get_close_matches(key, known, n=3)
       hint = (f"did you mean {' or '.join(close)}?" if close else "every key is listed in clue_jax/config.py")
       raise ConfigError(f"unknown config key {key!r}: {hint}")
     parent, _, field = key.rpartition(".")
     group = config
     for part in parent.split(".") if parent else ():
       group = group[part]
-    group[field] = _typed(key, leaves[key], value)
+    group[field] = _typed(key, known[key], value)
   return config
 
 
@@ -310,7 +310,7 @@ def same_config(saved: dict, current: dict) -> bool:
   Beyond `comparable`, a key the saved config lacks counts as equal while `current` holds its default: keys that
   clue_jax added after the run was written (e.g. `model.matmul_dtype`) do not orphan older runs.
   """
-  saved, current = dict(_leaves(comparable(saved))), dict(_leaves(comparable(current)))
+  saved, current = dict(leaves(comparable(saved))), dict(leaves(comparable(current)))
   for key in current.keys() - saved.keys():
     try:
       if current[key] != default_value(key):

@@ -46,9 +46,9 @@ def fit(data, config=None, workdir=None, **overrides) -> Run:
     if isinstance(value, dict) and (key in names or key in config.data.modalities or key not in config):
       if key not in config.data.modalities:
         config.data.modalities[key] = config_lib.modality()
-      flat |= _dotted(value, f"data.modalities.{key}.")
+      flat |= dict(config_lib.leaves(value, f"data.modalities.{key}."))
     elif isinstance(value, dict):
-      flat |= _dotted(value, f"{key}.")
+      flat |= dict(config_lib.leaves(value, f"{key}."))
     else:
       flat[key] = value
   if isinstance(modalities, ad.AnnData):  # One AnnData holds every configured modality.
@@ -74,14 +74,6 @@ def fit(data, config=None, workdir=None, **overrides) -> Run:
                      f"these inputs {config.data.fingerprint}); use a new workdir for them") from e
     raise
   return load(workdir)
-
-
-def _dotted(group: dict, prefix: str) -> dict:
-  """{"train.lr": 0.001} from {"lr": 0.001} under prefix "train." (nested dicts flattened)."""
-  out = {}
-  for key, value in group.items():
-    out |= _dotted(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value}
-  return out
 
 
 def _fit_config(config) -> ml_collections.ConfigDict:

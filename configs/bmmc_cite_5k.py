@@ -1,8 +1,8 @@
 """CITE-seq (RNA + ADT) on the NeurIPS 2021 BMMC 5k subsample: 5,000 cells, 4,000 genes + 134 proteins, 12 batches.
 
-Data: `neurips2021_bmmc_cite_5k/bmmc_cite_5k.h5mu` of the shared data (its PROVENANCE.md), outside the repository:
-read from $CLUE_JAX_SHARED_DATA, else `../shared/data` from the repository root. Point it at your copy with
-`--config.data.modalities.rna.path=PATH --config.data.modalities.adt.path=PATH` (the same .h5mu for both). The
+Data: the .h5mu `neurips2021_bmmc_cite_5k/bmmc_cite_5k.h5mu` (see its PROVENANCE.md), kept outside the repository:
+its path is the config's argument, `--config=configs/bmmc_cite_5k.py:PATH` (without it the paths are empty and
+training stops naming the key to set). The
 file's modalities `rna` and `adt` hold raw integer counts in `.X` (no layers); every cell has both.
 
 The competition's CITE model, as configs/cite.py (`config.competition_cite`, docs/method.md §1.5, §2): latent 20 per
@@ -13,21 +13,15 @@ dispersed genes (as configs/cite.py) and all 134 proteins. Batch: obs `batch`, s
 types (obs `cell_type`) score label transfer only: the competition model has no supervised term. Epochs: the AUTO
 formulas under the default cap of 1,000 (about 1,000 epochs on 4,500 training cells, the reference's ~36k steps).
 
-  python -m clue_jax.train --config=configs/bmmc_cite_5k.py --workdir=runs/bmmc_cite_5k
+  python -m clue_jax.train --config=configs/bmmc_cite_5k.py:PATH --workdir=runs/bmmc_cite_5k
 """
-
-import os
-import pathlib
 
 from clue_jax import config as config_lib
 
-SHARED_DATA = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data"  # Beside the repository checkout.
 
-
-def get_config():
+def get_config(path: str = ""):
+  """`path`: the .h5mu file (see the module docstring)."""
   config = config_lib.competition_cite(config_lib.get_config())
-  path = str(pathlib.Path(os.environ.get("CLUE_JAX_SHARED_DATA", SHARED_DATA))
-             / "neurips2021_bmmc_cite_5k" / "bmmc_cite_5k.h5mu")
   config.data.modalities.rna = config_lib.modality(path, layer="X", batch_key="batch", rep_normalize="log1p_cp10k")
   config.data.modalities.adt = config_lib.modality(path, layer="X", batch_key="batch", feature_selection="all",
                                                    rep_normalize="clr")

@@ -1,8 +1,8 @@
 """10x Multiome (RNA + ATAC) on the NeurIPS 2021 BMMC 5k subsample: 5,000 cells, 4,000 genes + 20,001 binarised peaks.
 
-Data: `neurips2021_bmmc_multiome_5k/bmmc_multiome_5k.h5mu` of the shared data (its PROVENANCE.md), outside the
-repository: read from $CLUE_JAX_SHARED_DATA, else `../shared/data` from the repository root. Point it at your
-copy with `--config.data.modalities.rna.path=PATH --config.data.modalities.atac.path=PATH` (the same .h5mu for both).
+Data: the .h5mu `neurips2021_bmmc_multiome_5k/bmmc_multiome_5k.h5mu` (see its PROVENANCE.md), kept outside the
+repository: its path is the config's argument, `--config=configs/bmmc_multiome_5k.py:PATH` (without it the paths are
+empty and training stops naming the key to set).
 The file's modality `rna` holds raw integer counts in `.X` (recovered from the shipped size-factor-scaled values), and
 `atac` the peaks binarised as shipped (every non-zero is 1); no layers; every cell has both.
 
@@ -15,22 +15,19 @@ fitted on the training cells. Batch: obs `batch`, site + donor (`s4d8`, 13 value
 `cell_type`) score label transfer only. Epochs: the AUTO formulas under the library's cap of 1,000 (about 1,000 epochs
 on 4,500 training cells), not the starter's 200.
 
-  python -m clue_jax.train --config=configs/bmmc_multiome_5k.py --workdir=runs/bmmc_multiome_5k
+  python -m clue_jax.train --config=configs/bmmc_multiome_5k.py:PATH --workdir=runs/bmmc_multiome_5k
 """
 
-import os
 import pathlib
 
 from clue_jax import config as config_lib
 
-SHARED_DATA = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data"  # Beside the repository checkout.
 MULTIOME = config_lib.load_module(pathlib.Path(__file__).resolve().parent / "multiome.py")
 
 
-def get_config():
+def get_config(path: str = ""):
+  """`path`: the .h5mu file (see the module docstring)."""
   config = MULTIOME.get_config()
-  path = str(pathlib.Path(os.environ.get("CLUE_JAX_SHARED_DATA", SHARED_DATA))
-             / "neurips2021_bmmc_multiome_5k" / "bmmc_multiome_5k.h5mu")
   config.data.modalities.rna = config_lib.modality(path, layer="X", batch_key="batch", n_features=10000,
                                                    rep_normalize="log1p_cp10k")
   config.data.modalities.atac = config_lib.modality(path, "Bernoulli", layer="X", batch_key="batch", rep="lsi",

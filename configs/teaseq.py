@@ -1,9 +1,9 @@
 """TEA-seq PBMC, three modalities (RNA + ADT + ATAC gene activity): 6,310 cells, 9,855 genes + 46 proteins + 14,732
 gene-activity features, one batch.
 
-Data: `teaseq_pbmc/teaseq_pbmc.h5mu` of the shared data (its PROVENANCE.md), outside the repository: read from
-$CLUE_JAX_SHARED_DATA, else `../shared/data` from the repository root. Point it at your copy with
-`--config.data.modalities.<m>.path=PATH` for m in rna, adt, atac (the same .h5mu for all three). The file's modalities
+Data: the .h5mu `teaseq_pbmc/teaseq_pbmc.h5mu` (see its PROVENANCE.md), kept outside the repository: its path is
+the config's argument, `--config=configs/teaseq.py:PATH` (without it the paths are empty and training stops naming the
+key to set). The file's modalities
 `rna`, `adt` and `atac` hold raw integer counts in `.X` (no layers); every cell has all three. There is no batch
 column (one experiment), and `split_matilda` (the matilda package's split) is not used: the run draws its own.
 
@@ -17,20 +17,15 @@ so NB as for RNA, encoder input a 100-d PCA of log1p-CP10k and the 2,000 most di
 are. All fitted on the training cells. The 11 cell types (obs `cell_type`) score label transfer only. Epochs: the
 AUTO formulas under the default cap of 1,000.
 
-  python -m clue_jax.train --config=configs/teaseq.py --workdir=runs/teaseq
+  python -m clue_jax.train --config=configs/teaseq.py:PATH --workdir=runs/teaseq
 """
-
-import os
-import pathlib
 
 from clue_jax import config as config_lib
 
-SHARED_DATA = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data"  # Beside the repository checkout.
 
-
-def get_config():
+def get_config(path: str = ""):
+  """`path`: the .h5mu file (see the module docstring)."""
   config = config_lib.competition_cite(config_lib.get_config())
-  path = str(pathlib.Path(os.environ.get("CLUE_JAX_SHARED_DATA", SHARED_DATA)) / "teaseq_pbmc" / "teaseq_pbmc.h5mu")
   config.data.modalities.rna = config_lib.modality(path, layer="X", rep_normalize="log1p_cp10k")
   config.data.modalities.adt = config_lib.modality(path, layer="X", feature_selection="all", rep_normalize="clr")
   config.data.modalities.atac = config_lib.modality(path, layer="X", rep_normalize="log1p_cp10k")

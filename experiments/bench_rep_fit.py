@@ -1,6 +1,6 @@
 """Time, peak memory and agreement of the PCA solvers (`rep_solver`: randomized, gram) on real and atlas-scale RNA.
 
-  python experiments/bench_rep_fit.py [--cite PATH] [--atlas PATH] [--rep-dim 100] [--subset 100000]
+  python experiments/bench_rep_fit.py --cite BMMC_CITE_5K.h5mu --atlas ATLAS/rna.h5ad [--rep-dim 100] [--subset 100000]
       [--baseline-rev REV] [--cache /tmp/bench_rep_fit] [--cases NAME,...]
 
 Every case runs in its own process (peak RSS = VmHWM, reset by /proc/self/clear_refs once the data are loaded and
@@ -35,8 +35,6 @@ import scipy.sparse as sp
 
 from clue_jax.data import preprocess
 
-CITE = pathlib.Path("/work/shared/data/neurips2021_bmmc_cite_5k/bmmc_cite_5k.h5mu")
-ATLAS = pathlib.Path("/tmp/atlas_cite_1m/rna.h5ad")
 CASES = ("small-randomized", "small-gram", "small-agreement", "atlas-gram", "atlas-randomized-pass",
          "atlas-subset-gram")
 NORMALISE_ROWS = 100_000
@@ -224,8 +222,9 @@ def run_case(args):
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--cite", type=pathlib.Path, default=CITE)
-  parser.add_argument("--atlas", type=pathlib.Path, default=ATLAS)
+  parser.add_argument("--cite", type=pathlib.Path, required=True, help="the BMMC CITE 5k .h5mu (mod/rna/X counts)")
+  parser.add_argument("--atlas", type=pathlib.Path, required=True,
+                      help="an atlas RNA .h5ad (experiments/make_atlas.py)")
   parser.add_argument("--rep-dim", type=int, default=100)
   parser.add_argument("--subset", type=int, default=100_000)
   parser.add_argument("--baseline-rev", default="")

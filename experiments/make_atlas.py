@@ -1,9 +1,10 @@
 """Writes an atlas-scale paired dataset (CITE-like RNA + ADT or Multiome-like RNA + ATAC) resampled from real cells.
 
-  python experiments/make_atlas.py --kind cite|multiome --cells N --out DIR [--seed 0] [--batches 8]
-      [--batch-effect 0.2] [--chunk 10000] [--source PATH]
+  python experiments/make_atlas.py --kind cite|multiome --source PATH --cells N --out DIR [--seed 0] [--batches 8]
+      [--batch-effect 0.2] [--chunk 10000]
 
-Each new cell copies a real cell of the source .h5mu (default: the 5,000-cell NeurIPS 2021 BMMC set of the kind),
+Each new cell copies a real cell of the paired source .h5mu `--source` (measured with the 5,000-cell NeurIPS 2021
+BMMC sets: `neurips2021_bmmc_{cite,multiome}_5k/*.h5mu` of the project's shared data, modalities rna + adt / atac),
 drawn uniformly with replacement: its non-zero pattern in every modality, so the spread of non-zeros per cell is the
 real one, and its `cell_type`. Counts x are redrawn as 1 + Poisson(max(x * s - 1, 0)): kept >= 1 (the pattern stays)
 with mean max(x * s, 1); ATAC peaks stay binary (copied as they are). Cells are spread uniformly over `--batches`
@@ -31,11 +32,7 @@ import pandas as pd
 import scipy.sparse as sp
 from tqdm import tqdm
 
-DATA = pathlib.Path("/work/shared/data")
-KINDS = {
-  "cite": (DATA / "neurips2021_bmmc_cite_5k" / "bmmc_cite_5k.h5mu", ("rna", "adt")),
-  "multiome": (DATA / "neurips2021_bmmc_multiome_5k" / "bmmc_multiome_5k.h5mu", ("rna", "atac")),
-}
+KINDS = {"cite": ("rna", "adt"), "multiome": ("rna", "atac")}  # The source's modalities of each kind.
 BINARY = {"atac"}  # Modalities copied as they are (0/1 peaks).
 H5_CHUNK = 1 << 20  # Elements per HDF5 chunk of X/data and X/indices (4 MiB).
 
@@ -112,14 +109,13 @@ def main():
   parser.add_argument("--batches", type=int, default=8)
   parser.add_argument("--batch-effect", type=float, default=0.2, help="sd of the log batch factors; 0 = none")
   parser.add_argument("--chunk", type=int, default=10_000, help="cells generated and written at a time")
-  parser.add_argument("--source", type=pathlib.Path, help="paired .h5mu to resample (default: the kind's 5k set)")
+  parser.add_argument("--source", type=pathlib.Path, required=True, help="paired .h5mu to resample")
   args = parser.parse_args()
   if min(args.cells, args.batches, args.chunk) < 1:
     parser.error("--cells, --batches and --chunk must be positive")
   started = time.time()
-  default_source, names = KINDS[args.kind]
-  source_path = args.source or default_source
-  mods = read_source(source_path, names)
+  names = KINDS[args.kind]
+  mods = read_source(args.source, names)
   first = mods[names[0]]
   plan = np.random.default_rng([args.seed, 0])
   source = plan.integers(0, first.n_obs, args.cells)
@@ -144,7 +140,7 @@ def main():
           files[name]["X/data"][lo:hi] = block.data
           files[name]["X/indices"][lo:hi] = block.indices  # h5py casts to the dataset's type.
         bar.update(stop - start)
-  print(f"{args.cells:,} cells in {args.batches} batches, resampled from {first.n_obs:,} cells of {source_path}")
+  print(f"{args.cells:,} cells in {args.batches} batches, resampled from {first.n_obs:,} cells of {args.source}")
   for name in names:
     real = np.diff(mods[name].X.indptr)
     print(f"  {paths[name]}: {args.cells:,} x {mods[name].n_vars:,}, nnz {indptrs[name][-1]:,}, non-zeros per cell "

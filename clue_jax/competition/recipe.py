@@ -47,19 +47,8 @@ def stage_configs(config: ml_collections.ConfigDict, competition: ml_collections
     overrides = {f"data.modalities.{name}.path": str(path) for name, path in files[stage].items()}
     overrides |= {f"data.modalities.{name}.batch_key": "batch" for name in files[stage]}
     if stage == "finetune":
-      overrides |= flat(competition.finetune)
+      overrides |= dict(config_lib.leaves(competition.finetune))
     out[stage] = config_lib.apply_overrides(config, overrides)
-  return out
-
-
-def flat(group, prefix: str = "") -> dict:
-  """{"train.lr": 0.001} from the nested ConfigDict {"train": {"lr": 0.001}}."""
-  out = {}
-  for key, value in group.items():
-    if isinstance(value, ml_collections.ConfigDict):
-      out |= flat(value, f"{prefix}{key}.")
-    else:
-      out[f"{prefix}{key}"] = value
   return out
 
 
