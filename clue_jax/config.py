@@ -17,6 +17,7 @@ import ml_collections
 DATASETS = pathlib.Path(__file__).resolve().parent / "datasets"
 LR_SCALING = ("none", "linear", "sqrt")  # train.lr_scaling rules (train/schedule.py: scaled_lr).
 OPTIMIZERS = ("rmsprop", "adam", "lamb")  # train.optimizer update rules (train/steps.py: UPDATE_RULES).
+STORAGES = ("auto", "memory", "disk")  # data.storage: where the training rows live.
 
 AUTO = -1  # For epoch counts and patiences: use the reference's AUTO formula (docs/method.md §3.2).
 
@@ -70,6 +71,11 @@ def get_config() -> ml_collections.ConfigDict:
   config.data.val_split = 0.1  # Fraction of cell IDs held out for the validation loss.
   config.data.heldout_pairs = 0.0  # Fraction of paired IDs whose pairing is hidden (held-out FOSCTTM check).
   config.data.count_check = "warn"  # Non-integer counts under NB: "warn" or "error".
+  # Where the training rows live: "memory" reads each file whole; "disk" reads the files a block of rows at a time
+  # into a store in the workdir (rows/) that minibatches are read from, so memory does not grow with the cells (set
+  # rep_fit_cells too: the PCA / LSI fit holds its cells); "auto" picks disk when the files' count matrices hold more
+  # than a tenth of this machine's memory (AnnData given to clue_jax.fit stays in memory). Both train the same model.
+  config.data.storage = "auto"
 
   config.model = ml_collections.ConfigDict()
   config.model.latent_dim = 50  # Per subspace; the embedding has K * latent_dim dimensions.
@@ -204,6 +210,7 @@ def validate(config: ml_collections.ConfigDict):
          "a fraction in [0, 1)")
   _check(config.data.count_check in ("warn", "error"), "data.count_check", config.data.count_check,
          "warn or error")
+  _check(config.data.storage in STORAGES, "data.storage", config.data.storage, " or ".join(STORAGES))
   for key in ("latent_dim", "encoder_width", "decoder_width", "discriminator_width"):
     _check(config.model[key] > 0, f"model.{key}", config.model[key], "a positive integer")
   for key in ("encoder_depth", "decoder_depth", "discriminator_depth"):
@@ -300,6 +307,7 @@ def comparable(config_dict: dict) -> dict:
   out = json.loads(json.dumps(config_dict))
   out["train"].pop("progress", None)
   out["train"].pop("compilation_cache", None)  # Where compiled programs are kept does not change training.
+  out["data"].pop("storage", None)  # Nor where the rows are kept.
   out.pop("evals", None)  # Evaluation settings do not change training.
   return out
 

@@ -61,6 +61,11 @@ class Dataset:
   def names(self):
     return tuple(self.modalities)
 
+  @property
+  def on_disk(self) -> bool:
+    """Whether the rows are read from an on-disk store (`streaming.DiskReader`) rather than held in memory."""
+    return any(not sp.issparse(m.counts) for m in self.modalities.values())
+
   def heldout_names(self) -> list:
     """The cell names (obs_names) of the pairs whose pairing training hid, sorted."""
     hidden = self.heldout or {}
@@ -106,15 +111,7 @@ def modality_order(data) -> list:
 
 def read_anndata(name: str, spec) -> ad.AnnData:
   """Reads modality `name` from an .h5ad file, or from the `mod/<mod_key>` group of an .h5mu (MuData) file."""
-  field = f"data.modalities.{name}.path"
-  if not spec.path:
-    raise DataError(f"{field} is empty: point it at your file, e.g. --config.{field}=my_{name}.h5ad")
-  path = pathlib.Path(spec.path).expanduser()
-  if not path.is_file():
-    raise DataError(f"{path}: no such file ({field}). Fix the path or pass --config.{field}=FILE")
-  if not h5py.is_hdf5(path):
-    raise DataError(f"{path}: not an HDF5 file, so neither AnnData (.h5ad) nor MuData (.h5mu) ({field}); convert "
-                    f"it first, e.g. anndata.read_csv(...).write_h5ad('{path.stem}.h5ad')")
+  path, field = checked_path(name, spec), f"data.modalities.{name}.path"
   try:
     with h5py.File(path, "r") as f:  # Only to name what is missing before reading.
       key = spec.mod_key or name if "mod" in f else None
@@ -125,6 +122,20 @@ def read_anndata(name: str, spec) -> ad.AnnData:
   except Exception as e:  # h5py / anndata raise many types for damaged files.
     raise DataError(f"{path}: cannot be read as AnnData (.h5ad) or MuData (.h5mu) ({field}), the file may be "
                     f"truncated or damaged: {type(e).__name__}: {e}") from e
+
+
+def checked_path(name: str, spec) -> pathlib.Path:
+  """The path of modality `name`'s file, checked to name an HDF5 file."""
+  field = f"data.modalities.{name}.path"
+  if not spec.path:
+    raise DataError(f"{field} is empty: point it at your file, e.g. --config.{field}=my_{name}.h5ad")
+  path = pathlib.Path(spec.path).expanduser()
+  if not path.is_file():
+    raise DataError(f"{path}: no such file ({field}). Fix the path or pass --config.{field}=FILE")
+  if not h5py.is_hdf5(path):
+    raise DataError(f"{path}: not an HDF5 file, so neither AnnData (.h5ad) nor MuData (.h5mu) ({field}); convert "
+                    f"it first, e.g. anndata.read_csv(...).write_h5ad('{path.stem}.h5ad')")
+  return path
 
 
 def anndata_group(group: h5py.Group, key: str | None, path: pathlib.Path, name: str) -> h5py.Group:
@@ -199,21 +210,33 @@ def check_finite(matrix: sp.csr_matrix, path: str, field: str):
 
 def check_counts(counts: sp.csr_matrix, likelihood: str, path: str, field: str, on_fraction: str):
   """NaN/inf are always errors; negative values and non-integers are checked under count likelihoods."""
+  check_values(counts, likelihood, path, field)
+  if likelihood in COUNT_LIKELIHOODS:
+    report_non_integers(non_integers(counts) / max(np.prod(counts.shape), 1), likelihood, path, field, on_fraction)
+
+
+def check_values(counts: sp.csr_matrix, likelihood: str, path: str, field: str):
+  """NaN/inf are errors; so are negative values under count likelihoods."""
   check_finite(counts, path, field)
   values = counts.data
-  if likelihood not in COUNT_LIKELIHOODS:
-    return
-  if (values < 0).any():
+  if likelihood in COUNT_LIKELIHOODS and (values < 0).any():
     raise DataError(f"{path}: {field} holds {int((values < 0).sum())} negative values, but likelihood "
                     f"{likelihood} needs raw counts; point the layer at raw counts or pick another likelihood")
-  fraction = np.count_nonzero(values != np.round(values)) / max(np.prod(counts.shape), 1)
+
+
+def non_integers(counts: sp.csr_matrix) -> int:
+  return int(np.count_nonzero(counts.data != np.round(counts.data)))
+
+
+def report_non_integers(fraction: float, likelihood: str, path: str, field: str, on_fraction: str, stacklevel=3):
+  """Non-integer counts under a count likelihood: an error (`on_fraction="error"`) or a warning."""
   if fraction > 0:
     message = (f"{path}: {field} has non-integer values in {fraction:.4%} of entries under likelihood "
                f"{likelihood}; training proceeds with the continuous NB density. Use raw integer counts if you "
                f"have them")
     if on_fraction == "error":
       raise DataError(message)
-    warnings.warn(message, stacklevel=2)
+    warnings.warn(message, stacklevel=stacklevel)
 
 
 def check_unique_names(adata: ad.AnnData, path: str):
@@ -286,28 +309,41 @@ def obs_codes(adata: ad.AnnData, key: str, path: str, field: str, categories=Non
   return codes, categories
 
 
-def select_features(var: pd.DataFrame, counts: sp.csr_matrix, spec) -> np.ndarray:
-  """Decoder features: var["highly_variable"] if present, else spec.feature_selection of spec.n_features."""
+def select_features(var: pd.DataFrame, spec, dispersion=None, totals=None) -> np.ndarray:
+  """Decoder features: var["highly_variable"] if present, else spec.feature_selection of spec.n_features.
+
+  `dispersion(n)` gives the mask of the n most dispersed features and `totals()` the features' total counts, each
+  computed only when needed (from the counts in memory, or from moments streamed over row chunks).
+  """
   if "highly_variable" in var:
     return var["highly_variable"].to_numpy(bool)
   n_top = spec.n_features
-  if spec.feature_selection == "all" or n_top >= counts.shape[1]:
-    return np.ones(counts.shape[1], bool)
+  if spec.feature_selection == "all" or n_top >= len(var):
+    return np.ones(len(var), bool)
   if spec.feature_selection == "dispersion":
-    return preprocess.select_by_dispersion(counts, n_top)
+    return dispersion(n_top)
   if spec.feature_selection == "total_counts":
-    return preprocess.select_by_total_counts(counts, n_top)
+    return preprocess.top_by_total(totals(), n_top)
   raise DataError(f"feature_selection={spec.feature_selection!r}: use all, dispersion or total_counts")
+
+
+def chosen_features(var: pd.DataFrame, var_names, nonzero: np.ndarray, spec, path: str, dispersion=None,
+                    totals=None) -> np.ndarray:
+  """Names of the decoder features, chosen among the `nonzero` features (see `select_features`; the callables see
+  only the nonzero features)."""
+  chosen = np.flatnonzero(nonzero)[select_features(var[nonzero], spec, dispersion, totals)]
+  if chosen.size == 0:
+    raise DataError(f"{path}: no decoder feature selected (var['highly_variable'] False for every feature with "
+                    f"data?)")
+  return np.asarray(var_names[chosen]).astype(str)
 
 
 def decoder_features(adata: ad.AnnData, counts: sp.csr_matrix, spec, path: str, field: str) -> np.ndarray:
   """Names of the decoder features, chosen among the features that are not zero in every cell."""
   nonzero = nonzero_features(counts, path, field)
-  chosen = np.flatnonzero(nonzero)[select_features(adata.var[nonzero], counts[:, nonzero], spec)]
-  if chosen.size == 0:
-    raise DataError(f"{path}: no decoder feature selected (var['highly_variable'] False for every feature with "
-                    f"data?)")
-  return np.asarray(adata.var_names[chosen]).astype(str)
+  return chosen_features(adata.var, adata.var_names, nonzero, spec, path,
+                         dispersion=lambda n_top: preprocess.select_by_dispersion(counts[:, nonzero], n_top),
+                         totals=lambda: np.asarray(counts[:, nonzero].sum(axis=0), np.float64).ravel())
 
 
 def normalize(matrix, how: str):
@@ -324,12 +360,13 @@ def normalize(matrix, how: str):
 class RawModality:
   """A modality read and checked, before any fitting (cells with no data already dropped)."""
 
-  adata: ad.AnnData
+  adata: ad.AnnData  # Streamed: obs and var only.
   spec: object
   path: str
-  counts: sp.csr_matrix  # All features of the count layer.
+  counts: sp.csr_matrix | None  # All features of the count layer; None when streamed.
   features: np.ndarray  # Names of the decoder features.
   rep_features: np.ndarray | None  # Names of the features the representation is fitted on; None if not fitted.
+  file: object = None  # Streamed: where the rows are read from (`streaming.StreamedFile`).
 
 
 def read_modality(name: str, spec, count_check: str = "warn", trained: dict | None = None,
@@ -368,30 +405,56 @@ def decoder_counts(raw: RawModality, name: str) -> sp.csr_matrix:
   return align_features(raw.counts, raw.adata.var_names, raw.features, raw.path, f"data.modalities.{name}.layer")
 
 
-def representation_source(raw: RawModality, name: str):
-  """The matrix the PCA / LSI is fitted on and applied to, its columns in the order of `raw.rep_features`."""
-  spec = raw.spec
-  field = f"data.modalities.{name}.layer" if spec.rep == "lsi" else f"data.modalities.{name}.rep_layer"
-  matrix = raw.counts if spec.rep == "lsi" else layer_matrix(raw.adata, spec.rep_layer, raw.path, field)
-  source = align_features(matrix, raw.adata.var_names, raw.rep_features, raw.path, field)
-  check_finite(source, raw.path, field)
+def representation_layer(spec, name: str) -> tuple:
+  """(layer, config field) of the matrix a modality's PCA / LSI is fitted on: the counts for LSI, else rep_layer."""
+  if spec.rep == "lsi":
+    return count_layer(spec), f"data.modalities.{name}.layer"
+  return spec.rep_layer, f"data.modalities.{name}.rep_layer"
+
+
+def representation_input(spec, matrix, var_names, rep_features, path: str, field: str):
+  """Rows of the layer a PCA / LSI reads, as it reads them: columns in the order of `rep_features`, checked finite,
+  normalised (`rep_normalize`, PCA only). Every step works row by row, so chunks of rows give the rows of the whole."""
+  source = align_features(matrix, var_names, rep_features, path, field)
+  check_finite(source, path, field)
   return source if spec.rep == "lsi" else normalize(source, spec.rep_normalize)
 
 
-def fit_representation(raw: RawModality, name: str, train_rows: np.ndarray, seed: int) -> dict:
+def representation_source(raw: RawModality, name: str):
+  """The matrix the PCA / LSI is fitted on and applied to, its columns in the order of `raw.rep_features`."""
+  layer, field = representation_layer(raw.spec, name)
+  matrix = raw.counts if raw.spec.rep == "lsi" else layer_matrix(raw.adata, layer, raw.path, field)
+  return representation_input(raw.spec, matrix, raw.adata.var_names, raw.rep_features, raw.path, field)
+
+
+def fit_rows(raw: RawModality, name: str, train_rows: np.ndarray, seed: int) -> np.ndarray:
+  """The training rows a PCA / LSI is fitted on: all of them, or a seeded subset of `rep_fit_cells` (sorted)."""
+  if 0 < raw.spec.rep_fit_cells < len(train_rows):
+    return np.sort(sampler.rep_fit_stream(seed).choice(train_rows, raw.spec.rep_fit_cells, replace=False))
+  return train_rows
+
+
+def fit_representation(raw: RawModality, name: str, train_rows: np.ndarray, seed: int, reader=None) -> dict:
   """Fits the PCA / LSI state on the training cells (a seeded subset of `rep_fit_cells` of them when that is set and
   smaller); {} when the representation is given or not used."""
   spec = raw.spec
   if spec.rep in ("none", "obsm"):
     return {}
-  if 0 < spec.rep_fit_cells < len(train_rows):
-    train_rows = np.sort(sampler.rep_fit_stream(seed).choice(train_rows, spec.rep_fit_cells, replace=False))
-  source = representation_source(raw, name)[train_rows]
+  rows = fit_rows(raw, name, train_rows, seed)
+  source = (reader or MemoryReader()).representation_rows(raw, name, rows)
   if spec.rep == "pca":
     return preprocess.state_to_arrays(preprocess.fit_pca(source, spec.rep_dim, seed=seed, solver=spec.rep_solver))
   if spec.rep == "lsi":
     return preprocess.state_to_arrays(preprocess.fit_lsi(source, spec.rep_dim, seed=seed))
   raise DataError(f"data.modalities.{name}.rep={spec.rep!r}: use pca, lsi, obsm or none")
+
+
+def project(spec, state: dict, source) -> np.ndarray:
+  """The fitted PCA / LSI `state` applied to rows of `representation_input` (float32)."""
+  fitted = preprocess.state_from_arrays(state)
+  if spec.rep == "pca":
+    return preprocess.transform_pca(fitted, source).astype(np.float32)
+  return preprocess.transform_lsi(fitted, source).astype(np.float32)
 
 
 def apply_representation(raw: RawModality, name: str, state: dict):
@@ -406,11 +469,7 @@ def apply_representation(raw: RawModality, name: str, state: dict):
     rep = np.asarray(raw.adata.obsm[spec.rep_key], np.float32)
     check_finite(sp.csr_matrix(rep), raw.path, f"obsm[{spec.rep_key!r}] ({field})")
     return rep
-  fitted = preprocess.state_from_arrays(state)
-  source = representation_source(raw, name)
-  if spec.rep == "pca":
-    return preprocess.transform_pca(fitted, source).astype(np.float32)
-  return preprocess.transform_lsi(fitted, source).astype(np.float32)
+  return project(spec, state, representation_source(raw, name))
 
 
 def grown_categories(raw: RawModality, categories: tuple) -> tuple:
@@ -422,7 +481,25 @@ def grown_categories(raw: RawModality, categories: tuple) -> tuple:
   return tuple(categories) + tuple(sorted(seen - set(categories)))
 
 
-def build_modality(name: str, raw: RawModality, state: dict, batch_categories, label_categories) -> Modality:
+class MemoryReader:
+  """Reads every modality whole into memory (`read_modality`): the data path for data that fit there."""
+
+  def read(self, name: str, spec, count_check: str, trained: dict | None, adata: ad.AnnData | None) -> RawModality:
+    return read_modality(name, spec, count_check, trained, adata)
+
+  def representation_rows(self, raw: RawModality, name: str, rows: np.ndarray):
+    """`rows` of the matrix the PCA / LSI is fitted on (`representation_source`)."""
+    return representation_source(raw, name)[rows]
+
+  def training_arrays(self, name: str, raw: RawModality, state: dict) -> tuple:
+    """(decoder counts, encoder inputs or None, log-factorials or None) of every cell."""
+    counts = decoder_counts(raw, name)
+    return (counts, apply_representation(raw, name, state),
+            row_log_factorials(counts) if raw.spec.likelihood == "NB" else None)
+
+
+def build_modality(name: str, raw: RawModality, state: dict, batch_categories, label_categories,
+                   reader=None) -> Modality:
   spec, adata = raw.spec, raw.adata
   n = adata.n_obs
   if spec.batch_key:
@@ -436,11 +513,10 @@ def build_modality(name: str, raw: RawModality, state: dict, batch_categories, l
   label = np.full(n, -1, np.int32)
   if spec.label_key:
     label, _ = obs_codes(adata, spec.label_key, raw.path, f"data.modalities.{name}.label_key", label_categories)
-  counts = decoder_counts(raw, name)
+  counts, rep, log_factorial = (reader or MemoryReader()).training_arrays(name, raw, state)
   return Modality(name=name, path=raw.path, obs=adata.obs.copy(), features=raw.features, counts=counts,
-                  rep=apply_representation(raw, name, state), rep_features=raw.rep_features,
-                  batch=batch, batch_categories=tuple(batch_categories), label=label, preprocess=state,
-                  log_factorial=row_log_factorials(counts) if spec.likelihood == "NB" else None)
+                  rep=rep, rep_features=raw.rep_features, batch=batch, batch_categories=tuple(batch_categories),
+                  label=label, preprocess=state, log_factorial=log_factorial)
 
 
 def median_total(counts) -> float:
@@ -480,7 +556,7 @@ def multi_modal(pairing: sampler.Pairing, ids: np.ndarray) -> np.ndarray:
 
 def load_dataset(data, seed: int, *, batch_size: int = 1, monitor: str = "val_loss", shared_batches: bool = False,
                  fitted: Fitted | None = None, new_batches: bool = False, inputs: dict | None = None,
-                 report=lambda message: None) -> Dataset:
+                 report=lambda message: None, reader=None) -> Dataset:
   """Reads, checks, pairs, splits and preprocesses every modality of `data` (a config's `data` group).
 
   Args:
@@ -495,10 +571,13 @@ def load_dataset(data, seed: int, *, batch_size: int = 1, monitor: str = "val_lo
       of refusing them.
     inputs: {modality: AnnData} in memory (e.g. from `clue_jax.fit`) instead of the files of those modalities.
     report: called with a line on each step that takes time (each modality read, each representation fitted).
+    reader: how the files are read: `MemoryReader()` (the default) reads each whole; `streaming.DiskReader` reads
+      them in row chunks into an on-disk store.
 
   Returns:
     The `Dataset`. Raises `DataError` naming the file, the field and the fix for bad input.
   """
+  reader = reader or MemoryReader()
   names = modality_order(data)
   if len(names) < 2:
     raise DataError(f"CLUE needs at least two modalities; data.modalities has {names}")
@@ -507,8 +586,8 @@ def load_dataset(data, seed: int, *, batch_size: int = 1, monitor: str = "val_lo
     trained = None if fitted is None else {"features": fitted.features[name],
                                            "rep_features": fitted.rep_features.get(name)}
     started = time.perf_counter()
-    raws[name] = read_modality(name, data.modalities[name], data.count_check, trained, (inputs or {}).get(name))
-    report(f"{name}: read {raws[name].counts.shape[0]:,} cells x {raws[name].counts.shape[1]:,} features of "
+    raws[name] = reader.read(name, data.modalities[name], data.count_check, trained, (inputs or {}).get(name))
+    report(f"{name}: read {raws[name].adata.n_obs:,} cells x {raws[name].adata.n_vars:,} features of "
            f"{raws[name].path} in {time.perf_counter() - started:.1f} s")
   pairing = sampler.pair_cells({n: r.adata.obs_names for n, r in raws.items()}, data.pair_by)
   check_pairs(pairing, raws, data.pair_by)
@@ -541,11 +620,14 @@ def load_dataset(data, seed: int, *, batch_size: int = 1, monitor: str = "val_lo
         raise DataError(f"{raws[name].path}: no cell of modality {name!r} lands in the training split; lower "
                         f"data.val_split or add cells")
       started = time.perf_counter()
-      state, batch_categories = fit_representation(raws[name], name, rows, seed), None
+      state, batch_categories = fit_representation(raws[name], name, rows, seed, reader), None
       if state:
-        report(f"{name}: {data.modalities[name].rep.upper()} fitted on {rows.size:,} training cells in "
+        report(f"{name}: {data.modalities[name].rep.upper()} fitted on "
+               f"{len(fit_rows(raws[name], name, rows, seed)):,} training cells in "
                f"{time.perf_counter() - started:.1f} s")
-    modalities[name] = build_modality(name, raws[name], state, batch_categories, label_categories)
+    started = time.perf_counter()
+    modalities[name] = build_modality(name, raws[name], state, batch_categories, label_categories, reader)
+    report(f"{name}: training arrays built in {time.perf_counter() - started:.1f} s")
   if shared_batches:
     lists = {n: m.batch_categories for n, m in modalities.items()}
     if len(set(lists.values())) > 1:

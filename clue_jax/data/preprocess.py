@@ -330,25 +330,44 @@ def _top_mask(scores, n_top):
 
 def select_by_total_counts(counts, n_top):
   """Mask of the n_top features with the largest total counts."""
-  return _top_mask(_col_sums(counts), n_top)
+  return top_by_total(_col_sums(counts), n_top)
+
+
+def top_by_total(totals, n_top):
+  """Mask of the n_top features with the largest totals (ties: lower index)."""
+  return _top_mask(totals, n_top)
+
+
+def cp10k(counts):
+  """x * 1e4 / rowsum (float64; CSR if the input is sparse): what Seurat's dispersion is computed on."""
+  return _scale_rows(counts, _SCALE * _safe_inverse(_row_sums(counts)))
+
+
+def centred_col_sq_sums(y, mean):
+  """Per-column sum of (y - mean)^2 over the rows of y (CSR or dense): summed over row chunks, the whole's."""
+  return _centred_col_sq_sums(y, mean)
 
 
 def select_by_dispersion(counts, n_top, n_bins=20):
-  """Highly variable features, an approximation of scanpy flavor="seurat".
+  """Highly variable features, an approximation of scanpy flavor="seurat" (see top_by_dispersion)."""
+  y = cp10k(counts)
+  n = y.shape[0]
+  mean = _col_sums(y) / n
+  return top_by_dispersion(mean, _centred_col_sq_sums(y, mean) / max(n - 1, 1), n_top, n_bins)
+
+
+def top_by_dispersion(m, var, n_top, n_bins=20):
+  """Mask of the n_top most dispersed features, from the per-feature mean m and variance var (ddof=1) of y.
 
   On y = x * 1e4 / rowsum (= expm1 of log1p_cp10k, as Seurat works on):
-  m = mean(y), v = var(y, ddof=1), dispersion = log(v / m), mean key =
-  log1p(m). Features are put into n_bins equal-width bins of the mean key
-  (right-closed, like pandas.cut) and dispersions are z-scored within each
-  bin (std ddof=1) over features with m > 0 and v > 0. A bin holding one
-  such feature gives z = 1 (as scanpy does); a bin with zero std gives 0.
-  The n_top largest z are picked (ties: lower index); features with zero
-  mean or variance rank last, so they are picked only to reach n_top.
+  dispersion = log(v / m), mean key = log1p(m). Features are put into n_bins
+  equal-width bins of the mean key (right-closed, like pandas.cut) and
+  dispersions are z-scored within each bin (std ddof=1) over features with
+  m > 0 and v > 0. A bin holding one such feature gives z = 1 (as scanpy
+  does); a bin with zero std gives 0. The n_top largest z are picked (ties:
+  lower index); features with zero mean or variance rank last, so they are
+  picked only to reach n_top.
   """
-  y = _scale_rows(counts, _SCALE * _safe_inverse(_row_sums(counts)))
-  n = y.shape[0]
-  m = _col_sums(y) / n
-  var = _centred_col_sq_sums(y, m) / max(n - 1, 1)
   valid = (m > 0) & (var > 0)
   key = np.log1p(m)
   disp = np.full(len(m), -np.inf)

@@ -84,6 +84,11 @@ def rep_fit_stream(seed: int) -> np.random.Generator:
   return np.random.default_rng([seed, 3])
 
 
+def scored_pairs_stream(seed: int) -> np.random.Generator:
+  """The pairs a monitored FOSCTTM is computed over when there are more than it scores (`trainer.SCORED_PAIRS`)."""
+  return np.random.default_rng([seed, 4])
+
+
 def eval_cells_stream(seed: int) -> np.random.Generator:
   """The subset of cell IDs scored during training (`evals.max_cells`)."""
   return np.random.default_rng([seed, 2])

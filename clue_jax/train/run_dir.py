@@ -7,6 +7,8 @@
                                   schedule, the fitted preprocessing and the `RunMeta`
     <workdir>/embeddings/         <modality>.h5ad and joint.h5ad, obsm["X_clue"]
     <workdir>/summary.json        written last: the run finished (its `restored_epoch` is the final model)
+    <workdir>/rows/               with data.storage=disk: the training rows (`data/row_store.py`), rebuilt from the
+                                  files whenever the run starts or resumes
 
 A model is rebuilt from the constructor arguments in its `RunMeta` (`ModelArgs`, as scvi-tools keeps a model's
 init arguments), never from the names of its parameters. Runs written before `RunMeta` held them (clue_jax up to
@@ -26,7 +28,7 @@ from clue_jax.model.network import CLUE, ModalitySpec
 from clue_jax.train import checkpoint, parallel
 from clue_jax.train.errors import NoFinishedRun
 
-CONFIG, SUMMARY = "config.json", "summary.json"
+CONFIG, SUMMARY, ROWS = "config.json", "summary.json", "rows"
 
 
 @dataclasses.dataclass(frozen=True)

@@ -13,6 +13,7 @@ every process sees (a shared file system), as Orbax requires for the checkpoints
 import contextlib
 import json
 import math
+import os
 import pathlib
 import shutil
 import time
@@ -24,7 +25,7 @@ import numpy as np
 import pandas as pd
 
 from clue_jax import batch as batch_lib, config as config_lib, outputs
-from clue_jax.data import dataset as data_lib, device_data, sampler
+from clue_jax.data import dataset as data_lib, device_data, prefetch, sampler, streaming
 from clue_jax.evaluate import metrics
 from clue_jax.model import losses
 from clue_jax.model.network import CLUE
@@ -36,11 +37,27 @@ from clue_jax.train.errors import ConfigMismatch, NoFinishedRun, TrainingError
 
 # ------------------------------------------------------------------------------------------------ model setup
 def load_data(config, fitted: data_lib.Fitted | None = None, new_batches: bool = False,
-              inputs: dict | None = None, report=lambda message: None) -> data_lib.Dataset:
+              inputs: dict | None = None, report=lambda message: None, reader=None) -> data_lib.Dataset:
   """The `Dataset` that `config` trains on (see `data_lib.load_dataset` for the arguments)."""
   return data_lib.load_dataset(config.data, config.seed, batch_size=config.train.batch_size,
                                monitor=config.train.monitor, shared_batches=config.model.shared_batches,
-                               fitted=fitted, new_batches=new_batches, inputs=inputs, report=report)
+                               fitted=fitted, new_batches=new_batches, inputs=inputs, report=report, reader=reader)
+
+
+def data_reader(config, workdir: pathlib.Path, inputs: dict | None):
+  """How the training data are read (`data.storage`): whole into memory, or in blocks of rows into a store under
+  workdir/rows (one per process) when asked to, or with "auto" when the count matrices hold more than a tenth of
+  this machine's memory."""
+  storage = config.data.storage
+  if inputs or storage == "memory":
+    return data_lib.MemoryReader()
+  if storage == "auto":
+    stored, memory = streaming.stored_bytes(config.data), os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if stored <= memory / 10:
+      return data_lib.MemoryReader()
+    log(f"the count matrices take {stored / 2**30:.1f} GiB, more than a tenth of this machine's memory: streaming "
+        f"them from {workdir / run_dir.ROWS} (data.storage=auto)")
+  return streaming.DiskReader(workdir / run_dir.ROWS / f"process_{jax.process_index()}")
 
 
 def log(message: str):
@@ -127,30 +144,42 @@ def library_heads(encoder: Encoder, state, dataset: data_lib.Dataset) -> dict:
   return report
 
 
-def heldout_foscttm(encoder: Encoder, state, dataset: data_lib.Dataset):
-  """FOSCTTM over the hidden pairs, averaged over modality pairs; None without held-out pairs."""
+SCORED_PAIRS = 4096  # Cells a monitored FOSCTTM is computed over at most (a seeded subset): it costs pairs^2.
+
+
+def scored(a_rows: np.ndarray, b_rows: np.ndarray, seed: int) -> tuple:
+  """The aligned rows of pairs measured in both modalities; a seeded subset of SCORED_PAIRS of them when more."""
+  both = (a_rows >= 0) & (b_rows >= 0)
+  a_rows, b_rows = a_rows[both], b_rows[both]
+  if len(a_rows) > SCORED_PAIRS:
+    keep = np.sort(sampler.scored_pairs_stream(seed).choice(len(a_rows), SCORED_PAIRS, replace=False))
+    a_rows, b_rows = a_rows[keep], b_rows[keep]
+  return a_rows, b_rows
+
+
+def heldout_foscttm(encoder: Encoder, state, dataset: data_lib.Dataset, seed: int):
+  """FOSCTTM over the hidden pairs (`scored`), averaged over modality pairs; None without held-out pairs."""
   if dataset.heldout is None:
     return None
   names, scores = dataset.names, []
   for i, a in enumerate(names):
     for b in names[i + 1:]:
-      both = (dataset.heldout[a] >= 0) & (dataset.heldout[b] >= 0)
-      if both.sum() > 1:
-        scores.append(metrics.foscttm(encoder(state, a, dataset.heldout[a][both]),
-                                      encoder(state, b, dataset.heldout[b][both])))
+      rows_a, rows_b = scored(dataset.heldout[a], dataset.heldout[b], seed)
+      if len(rows_a) > 1:
+        scores.append(metrics.foscttm(encoder(state, a, rows_a), encoder(state, b, rows_b)))
   return float(np.mean(scores)) if scores else None
 
 
-def unseen_foscttm(encoder: Encoder, state, dataset: data_lib.Dataset):
-  """FOSCTTM over the validation cells measured in two modalities: cells held out of training entirely (their
-  preprocessing was fitted without them), averaged over modality pairs; None with fewer than 2 such cells."""
+def unseen_foscttm(encoder: Encoder, state, dataset: data_lib.Dataset, seed: int):
+  """FOSCTTM over the validation cells measured in two modalities (`scored`): cells held out of training entirely
+  (their preprocessing was fitted without them), averaged over modality pairs; None with fewer than 2 such cells."""
   names, scores = dataset.names, []
   for i, a in enumerate(names):
     for b in names[i + 1:]:
-      rows_a, rows_b = dataset.pairing.rows[a][dataset.val_ids], dataset.pairing.rows[b][dataset.val_ids]
-      both = (rows_a >= 0) & (rows_b >= 0)
-      if both.sum() > 1:
-        scores.append(metrics.foscttm(encoder(state, a, rows_a[both]), encoder(state, b, rows_b[both])))
+      rows_a, rows_b = scored(dataset.pairing.rows[a][dataset.val_ids], dataset.pairing.rows[b][dataset.val_ids],
+                              seed)
+      if len(rows_a) > 1:
+        scores.append(metrics.foscttm(encoder(state, a, rows_a), encoder(state, b, rows_b)))
   return float(np.mean(scores)) if scores else None
 
 
@@ -237,13 +266,14 @@ def make_epoch_runner(config, model: CLUE, weights: losses.Weights, dataset: dat
 
   Every chunk of an epoch has min(train.steps_per_dispatch, n_steps) steps (the last one padded), so one program is
   compiled. With `train.data_on_device` the dataset lives on the devices and each step gathers its minibatch there
-  (one explicit copy of row indices per epoch); otherwise the host densifies and sends every chunk of steps (with
-  several processes, each densifies only the rows its devices hold).
+  (one explicit copy of row indices per epoch); otherwise (and when the rows are on disk) the host reads and densifies
+  every chunk of steps on a background thread while the devices run the one before, and sends it (with several
+  processes, each reads only the rows its devices hold).
   """
   per, optimizer = config.train.steps_per_dispatch, config.train.optimizer
   batch_size, replicated = config.train.batch_size, parallel.replicated(mesh)
   chunk_sharding = parallel.batch_sharding(mesh, batch_axis=1)
-  if config.train.data_on_device:
+  if config.train.data_on_device and not dataset.on_disk:
     arrays = parallel.put(device_data.host_arrays(dataset), replicated)
     chunk_fn = jax.jit(steps.make_device_train_chunk(model, weights, device_data.widths(dataset), optimizer),
                        donate_argnums=0)
@@ -256,14 +286,17 @@ def make_epoch_runner(config, model: CLUE, weights: losses.Weights, dataset: dat
     chunk_fn = jax.jit(steps.make_train_chunk(model, weights, optimizer), donate_argnums=0)
     part = parallel.process_rows(mesh, batch_size)
 
-    def chunks(rows, n_steps):
+    def host_chunks(rows, n_steps):
       local = process_share(rows, batch_size, part)
       length = min(per, n_steps)
       for first in range(0, n_steps, length):
         count = min(length, n_steps - first)
-        host = data_lib.steps_chunk(dataset, local, first, count, part.stop - part.start)
-        yield (parallel.put_local(batch_lib.padded_steps(host, length), chunk_sharding),
-               parallel.put(np.int32(count), replicated)), count
+        yield batch_lib.padded_steps(data_lib.steps_chunk(dataset, local, first, count, part.stop - part.start),
+                                     length), count
+
+    def chunks(rows, n_steps):  # The next chunk is read and densified while the devices run this one.
+      for host, count in prefetch.prefetch(host_chunks(rows, n_steps)):
+        yield (parallel.put_local(host, chunk_sharding), parallel.put(np.int32(count), replicated)), count
 
   def run(state, rows, n_steps, key, lr, noise):
     scalars = parallel.put((key, np.float32(lr), np.float32(noise)), replicated)
@@ -309,7 +342,8 @@ def train_and_evaluate(config, workdir, init_from=None, inputs=None) -> dict:
     source = finished_source(pathlib.Path(init_from), config)
   fitted = resumed.fitted if resumed is not None else source.saved.fitted if source is not None else None
   with stage("data read and preprocessed"):
-    dataset = load_data(config, fitted, new_batches=source is not None, inputs=inputs, report=log)
+    dataset = load_data(config, fitted, new_batches=source is not None, inputs=inputs, report=log,
+                        reader=data_reader(config, workdir, inputs))
   args = run_dir.model_args(config, dataset)
   model = args.build()
   weights = loss_weights(config, dataset.names)
@@ -397,7 +431,7 @@ def train_and_evaluate(config, workdir, init_from=None, inputs=None) -> dict:
                            np.float32(noise), batch_sharding)
       record.update({f"val/loss_{k}": v for k, v in val_terms.items()})
     for key, score in MONITORED.items():
-      value = score(encoder, state, dataset)
+      value = score(encoder, state, dataset, config.seed)
       if value is not None:
         record[f"val/{key}"] = value
     monitored = (record.get("val/loss_gen", record["train/loss_gen"]) if config.train.monitor == "val_loss"
@@ -434,8 +468,8 @@ def train_and_evaluate(config, workdir, init_from=None, inputs=None) -> dict:
     shapes = write_embeddings(encoder, state, dataset, config, workdir / "embeddings")
   summary = {"epochs_run": schedule.epoch, "restored_epoch": final_epoch, "plan": schedule.to_json()["plan"],
              "early_stopped": schedule.stopped and schedule.epoch < schedule.plan.max_epochs,
-             "n_params": n_params, "heldout_foscttm": heldout_foscttm(encoder, state, dataset),
-             "unseen_foscttm": unseen_foscttm(encoder, state, dataset),
+             "n_params": n_params, "heldout_foscttm": heldout_foscttm(encoder, state, dataset, config.seed),
+             "unseen_foscttm": unseen_foscttm(encoder, state, dataset, config.seed),
              "library_heads": library_heads(encoder, state, dataset),
              "embeddings": {k: list(v) for k, v in shapes.items()}}
   if continued:
