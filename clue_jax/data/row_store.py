@@ -80,7 +80,10 @@ def _read(fd: int, start: int, size: int, path: pathlib.Path) -> bytes:
 
 
 class DiskCounts:
-  """A store's decoder counts, read like the rows of a CSR matrix: `counts[rows]` is a float32 `csr_matrix`."""
+  """A store's decoder counts, read like the rows of a CSR matrix: `counts[rows]` is a float32 `csr_matrix`.
+
+  `rows_read` counts the rows asked for so far (what this process has read of the store).
+  """
 
   def __init__(self, directory: pathlib.Path):
     self.path = pathlib.Path(directory) / "records.bin"
@@ -89,6 +92,7 @@ class DiskCounts:
     self.shape = (int(n), int(n_features))
     self.totals = np.load(pathlib.Path(directory) / "totals.npy")
     self.fd = os.open(self.path, os.O_RDONLY)
+    self.rows_read = 0
 
   def sum(self, axis: int) -> np.ndarray:
     """Total counts per row, as `csr_matrix.sum(axis=1)` gives them ((rows, 1)); only axis 1."""
@@ -102,6 +106,7 @@ class DiskCounts:
 
   def __getitem__(self, rows) -> sp.csr_matrix:
     rows = np.asarray(rows).reshape(-1)
+    self.rows_read += len(rows)
     unique, inverse = np.unique(rows, return_inverse=True)
     first, stop = _runs(unique)
     size = RECORD.itemsize

@@ -199,12 +199,17 @@ def cell_cycle_inputs(annotations: pd.DataFrame, expression) -> dict:
   return inputs
 
 
-def per_cell_foscttm(embeddings: dict, obs: dict):
-  """pandas Series: per paired cell (indexed by name), its FOSCTTM averaged over the modality pairs it is in."""
+def per_cell_foscttm(embeddings: dict, obs: dict, max_cells: int | None = None, seed: int = 0):
+  """pandas Series: per paired cell (indexed by name), its FOSCTTM averaged over the modality pairs it is in; over a
+  seeded subset of `max_cells` of the cell IDs when there are more (FOSCTTM costs cells^2)."""
   pairing = sampler.pair_cells({m: obs[m].index for m in embeddings})
+  scored = np.ones(len(pairing.ids), bool)
+  if max_cells is not None and len(pairing.ids) > max_cells:
+    scored[:] = False
+    scored[np.random.default_rng(seed).choice(len(pairing.ids), max_cells, replace=False)] = True
   total, count = np.zeros(len(pairing.ids)), np.zeros(len(pairing.ids))
   for a, b in itertools.combinations(embeddings, 2):
-    both = np.flatnonzero((pairing.rows[a] >= 0) & (pairing.rows[b] >= 0))
+    both = np.flatnonzero((pairing.rows[a] >= 0) & (pairing.rows[b] >= 0) & scored)
     if len(both) >= 2:
       total[both] += matching_scores(embeddings[a][pairing.rows[a][both]],
                                      embeddings[b][pairing.rows[b][both]])["foscttm"]

@@ -46,7 +46,8 @@ def write_plots(out_dir, embeddings: dict, obs: dict, records: list, label_key: 
     save(loss_curves(records), "losses.png")
   if any(k.startswith("eval/") or k == "val/heldout_foscttm" for r in records for k in r):
     save(eval_curves(records), "eval_curves.png")
-  scores = evaluation.per_cell_foscttm(embeddings, obs) if label_key else pd.Series(dtype=float)
+  scores = (evaluation.per_cell_foscttm(embeddings, obs, MAX_CELLS_PER_MODALITY, seed) if label_key
+            else pd.Series(dtype=float))
   if len(scores):
     labels = evaluation.joint_obs(obs, cell_rows(obs, scores.index), scores.index.to_numpy())[label_key]
     save(score_by_group(scores.to_numpy(), labels.to_numpy(object), label_key), "foscttm_by_cell_type.png")

@@ -385,7 +385,9 @@ def train_and_evaluate(config, workdir, init_from=None, inputs=None) -> dict:
   run_dir.write_cells(workdir, dataset)
 
   # Steps.
-  train_epoch = make_epoch_runner(config, model, weights, dataset, mesh)
+  on_device = config.train.data_on_device and not dataset.on_disk
+  with stage("training data put on the devices") if on_device else contextlib.nullcontext():
+    train_epoch = make_epoch_runner(config, model, weights, dataset, mesh)
   eval_fn = jax.jit(steps.make_eval_step(model, weights))
   encoder = Encoder(model, dataset, mesh)
   evaluations = periodic_eval.PeriodicEvaluation(config, dataset, encoder)
@@ -395,6 +397,7 @@ def train_and_evaluate(config, workdir, init_from=None, inputs=None) -> dict:
   n_params = steps.count_params(state.params)
   last_save = -math.inf  # The first epoch is always checkpointed.
   first_epoch = schedule.epoch + 1
+  rows_read = rows_read_from_disk(dataset)
 
   # Loop.
   while not schedule.done:
@@ -454,6 +457,11 @@ def train_and_evaluate(config, workdir, init_from=None, inputs=None) -> dict:
     bar.update(epoch, record)
   bar.close()
   metric_writer.close()
+  if dataset.on_disk:  # Every process says what it read: with several, each reads only its share of every batch.
+    epochs = schedule.epoch - first_epoch + 1
+    print(f"clue_jax: process {jax.process_index()} of {jax.process_count()} read "
+          f"{rows_read_from_disk(dataset) - rows_read:,} rows from its store in {epochs} epoch{'s' * (epochs != 1)}",
+          flush=True)
 
   # Final model: the most recent of the best checkpoints (docs/method.md §3.2), else the last epoch.
   final_epoch = schedule.epoch
@@ -479,6 +487,11 @@ def train_and_evaluate(config, workdir, init_from=None, inputs=None) -> dict:
     outputs.write_atomically(workdir / run_dir.SUMMARY, lambda p: p.write_text(json.dumps(summary, indent=2)))
   ckpts.close()
   return summary
+
+
+def rows_read_from_disk(dataset: data_lib.Dataset) -> int:
+  """The rows this process has read from its on-disk store so far, over every modality (0 in memory)."""
+  return sum(getattr(m.counts, "rows_read", 0) for m in dataset.modalities.values())
 
 
 def resume_state(ckpts: checkpoint.Checkpoints, abstract_state, workdir: pathlib.Path):

@@ -3,7 +3,9 @@ as one process with 4 devices, resume together after being killed, fine-tune a r
 does, and what they save restores in one process.
 
 The pair runs the real command line (`python -m clue_jax.train ... --num_processes=2 --process_id=I`) on
-configs/smoke.py while this process (4 fake devices, tests/conftest.py) trains the same config. Both members of the
+configs/smoke.py while this process (4 fake devices, tests/conftest.py) trains the same config. Both stream their
+rows from disk (`data.storage=disk`), so each process reads from its store only the rows of its half of every batch:
+the test counts them. Both members of the
 pair are SIGKILLed once the checkpoint of epoch 1 is on disk, and a second launch resumes from it and finishes. The
 pair densifies batches on the host (`train.data_on_device=False`), each process only its half of every batch, which
 is the path with the most multi-process logic; in one process that path trains bitwise like the default one
@@ -16,8 +18,11 @@ parameters' norm; BatchNorm statistics 0.13; generator loss 2e-4 relative; held-
 tolerances apply.
 """
 
+import contextlib
 import importlib.util
+import io
 import json
+import re
 import os
 import pathlib
 import socket
@@ -70,6 +75,7 @@ def smoke_config():
   spec.loader.exec_module(module)
   config = module.get_config()
   config.train.update(**OVERRIDES)
+  config.data.storage = "disk"
   return config
 
 
@@ -79,7 +85,7 @@ def launch_pair(workdir: pathlib.Path, logs: list, init_from: pathlib.Path | Non
   env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2",
              JAX_DISABLE_MOST_OPTIMIZATIONS="1")
   command = [sys.executable, "-m", "clue_jax.train", f"--config={ROOT / 'configs' / 'smoke.py'}",
-             f"--workdir={workdir}", "--config.train.data_on_device=False",
+             f"--workdir={workdir}", "--config.train.data_on_device=False", "--config.data.storage=disk",
              *(f"--config.train.{k}={v}" for k, v in OVERRIDES.items()),
              f"--coordinator_address=127.0.0.1:{free_port()}", f"--num_processes={PROCESSES}",
              *([f"--init_from={init_from}"] if init_from else [])]
@@ -113,14 +119,17 @@ def wait_all(processes: list, timeout: float = 300):
         process.kill()
 
 
-def train_alone(workdir: pathlib.Path, init_from: pathlib.Path | None = None):
-  """Trains the smoke config in this process (4 devices), XLA optimisations off like the pair's."""
+def train_alone(workdir: pathlib.Path, init_from: pathlib.Path | None = None) -> str:
+  """Trains the smoke config in this process (4 devices), XLA optimisations off like the pair's; returns its output."""
   before = jax.config.values["jax_disable_most_optimizations"]
   jax.config.update("jax_disable_most_optimizations", True)
+  output = io.StringIO()
   try:
-    trainer.train_and_evaluate(smoke_config(), workdir, init_from=init_from)
+    with contextlib.redirect_stdout(output):
+      trainer.train_and_evaluate(smoke_config(), workdir, init_from=init_from)
   finally:
     jax.config.update("jax_disable_most_optimizations", before)
+  return output.getvalue()
 
 
 @pytest.fixture(scope="module")
@@ -135,7 +144,7 @@ def runs(tmp_path_factory):
   killer = threading.Thread(target=kill_after_first_checkpoint, args=(pair, processes, outcome))
   killer.start()
   try:
-    train_alone(tmp / "single")
+    (tmp / "single.log").write_text(train_alone(tmp / "single"))
   finally:
     killer.join()
     wait_all(processes)
@@ -181,6 +190,24 @@ def test_two_processes_train_the_model_of_one(runs):
   pair_model, pair_record = model_and_record(pair)  # Restores the pair's checkpoint, SHA-256 checked.
   single_model, single_record = model_and_record(single)
   assert_same_model(single_model, single_record, pair_model, pair_record)
+
+
+def rows_read(log: str) -> tuple:
+  """(rows read from the store, epochs) from a run's `process I of N read R rows from its store in E epochs` line."""
+  match = re.search(r"process \d of \d read ([\d,]+) rows from its store in (\d+) epochs?", log)
+  assert match, log[-4000:]
+  return int(match.group(1).replace(",", "")), int(match.group(2))
+
+
+def test_each_process_reads_only_its_half_of_the_rows(runs):
+  """Per epoch, each process of the pair reads from its store exactly half the rows one process reads (its half of
+  every training and validation batch and of every chunk it encodes), counted where the rows are read."""
+  pair, single, logs = runs
+  alone, alone_epochs = rows_read((single.parent / "single.log").read_text())
+  assert alone_epochs == EPOCHS and alone > 0
+  for log in logs:  # The resumed launch: epoch 2 only.
+    read, epochs = rows_read(log.read_text())
+    assert epochs == 1 and read * 2 == alone / EPOCHS, (read, alone)
 
 
 def test_two_processes_fine_tune_as_one(finetuned):

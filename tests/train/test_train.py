@@ -143,12 +143,12 @@ def completed_epochs(workdir) -> list:
   return sorted(int(p.name) for p in latest.iterdir() if p.name.isdigit()) if latest.exists() else []
 
 
-def run_until_killed(workdir, records: int, delay: float):
+def run_until_killed(workdir, records: int, delay: float, *flags):
   """Runs the CLI in `workdir` and SIGKILLs it `delay` s after metrics.jsonl holds `records` lines.
 
   A record is written just before its epoch's checkpoint, so short delays tend to land inside a checkpoint save.
   """
-  process = cli(workdir)
+  process = cli(workdir, *flags)
   metrics = workdir / "metrics.jsonl"
   while process.poll() is None and (not metrics.exists() or metrics.read_text().count("\n") < records):
     time.sleep(0.005)
@@ -157,15 +157,18 @@ def run_until_killed(workdir, records: int, delay: float):
   assert process.wait() == -signal.SIGKILL, "the run finished before it could be killed"
 
 
-def test_run_killed_twice_resumes_to_the_same_model(smoke_run, tmp_path):
-  """SIGKILL at two seeded random moments, then a resumed run ends bitwise where the uninterrupted one did."""
+@pytest.mark.parametrize("storage", ["memory", "disk"])
+def test_run_killed_twice_resumes_to_the_same_model(smoke_run, tmp_path, storage):
+  """SIGKILL at two seeded random moments, then a resumed run ends bitwise where the uninterrupted one did; also
+  with the rows streamed from disk (the store is rebuilt on resumption)."""
   workdir, _, _ = smoke_run
+  flags = [f"--config.data.storage={storage}"]
   rng = np.random.default_rng(7)
   first = int(rng.integers(1, EPOCHS - 1))
   for records in (first, int(rng.integers(first + 1, EPOCHS))):
-    run_until_killed(tmp_path, records, float(rng.uniform(0.0, 0.3)))
+    run_until_killed(tmp_path, records, float(rng.uniform(0.0, 0.3)), *flags)
   kept = completed_epochs(tmp_path)
-  resumed = cli(tmp_path)
+  resumed = cli(tmp_path, *flags)
   out, err = resumed.communicate(timeout=600)
   assert resumed.returncode == 0, err
   if kept:
