@@ -102,6 +102,7 @@ def measure(command: list, log: pathlib.Path, parse_stages: bool) -> dict:
   with open(log, "w") as out:
     for line in process.stdout:
       out.write(line)
+      out.flush()
       if not parse_stages:
         continue
       for name, pattern in STAGES:

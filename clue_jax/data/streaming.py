@@ -25,6 +25,7 @@ import h5py
 import numpy as np
 import scipy.sparse as sp
 from anndata.io import read_elem
+from tqdm.auto import tqdm
 
 from clue_jax.data import dataset as data_lib, preprocess, row_store
 from clue_jax.data.dataset import DataError
@@ -80,9 +81,14 @@ def reading(rows: H5Rows, start: int, stop: int, path, field: str) -> sp.csr_mat
 class DiskReader:
   """Reads each modality's file in blocks of rows into a store under `directory` (one subdirectory a modality)."""
 
-  def __init__(self, directory: pathlib.Path, block_values: int | None = None):
+  def __init__(self, directory: pathlib.Path, block_values: int | None = None, progress: bool = False):
     self.directory = pathlib.Path(directory)
     self.block_values = block_values or h5_rows.BLOCK_VALUES  # Stored values read at a time.
+    self.progress = progress  # A tqdm bar over the blocks of each pass.
+
+  def blocks(self, rows: H5Rows, what: str) -> list:
+    """The blocks of `rows`, shown as a progress bar (`what` names the pass) when asked for."""
+    return tqdm(rows.blocks(), desc=what, unit="block", leave=False, disable=not self.progress, dynamic_ncols=True)
 
   def read(self, name: str, spec, count_check: str, trained: dict | None, adata: ad.AnnData | None):
     if adata is not None:
@@ -112,7 +118,7 @@ class DiskReader:
                       f"damaged ({layer_field})")
     dispersion = (trained is None and "highly_variable" not in var and spec.feature_selection == "dispersion"
                   and spec.n_features < table.n_vars)
-    stats = first_pass(counts, spec, path, field, count_check, dispersion)
+    stats = first_pass(counts, self.blocks(counts, f"{name}: checking"), spec, path, field, count_check, dispersion)
     keep = stats["keep"]
     if not keep.any():
       raise DataError(f"{path}: no cell has a non-zero value in {field} ({table.n_obs} cells, {table.n_vars} "
@@ -124,7 +130,7 @@ class DiskReader:
         table = table[keep].copy()
     file_ref = StreamedFile(path, file, group, counts, np.flatnonzero(keep))
     if trained is None:
-      features = self.features(table, spec, file_ref, stats, path, field)
+      features = self.features(name, table, spec, file_ref, stats, path, field)
       rep_features = None
     else:
       features, rep_features = np.asarray(trained["features"]).astype(str), trained["rep_features"]
@@ -134,7 +140,7 @@ class DiskReader:
       rep_features = np.asarray(rep_features).astype(str)
     return data_lib.RawModality(table, spec, str(path), None, features, rep_features, file_ref)
 
-  def features(self, table: ad.AnnData, spec, file_ref: StreamedFile, stats: dict, path, field: str) -> np.ndarray:
+  def features(self, name: str, table: ad.AnnData, spec, file_ref: StreamedFile, stats: dict, path, field: str) -> np.ndarray:
     nonzero = stats["feature_nnz"] > 0
     if not nonzero.all():
       warnings.warn(f"{path}: {int((~nonzero).sum())} of {len(nonzero)} features are zero in every cell of {field}; "
@@ -144,7 +150,7 @@ class DiskReader:
       n = len(file_ref.kept)
       mean = stats["cp10k_sums"] / n
       squares = np.zeros_like(mean)
-      for start, stop in file_ref.counts.blocks():
+      for start, stop in self.blocks(file_ref.counts, f"{name}: dispersion"):
         block = reading(file_ref.counts, start, stop, path, field)
         squares += preprocess.centred_col_sq_sums(preprocess.cp10k(block[np.diff(block.indptr) > 0]), mean)
       variance = squares / max(n - 1, 1)
@@ -153,12 +159,13 @@ class DiskReader:
     return data_lib.chosen_features(table.var, table.var_names, nonzero, spec, str(path), dispersion,
                                     lambda: stats["totals"][nonzero])
 
-  def rows_of(self, raw, layer: str, field: str, rows: np.ndarray):
-    """Blocks (first kept row, CSR of those kept rows of `layer`) of the kept rows `rows` (sorted), in order."""
+  def rows_of(self, raw, layer: str, field: str, rows: np.ndarray, what: str = ""):
+    """Blocks (first kept row, CSR of those kept rows of `layer`) of the kept rows `rows` (sorted), in order; a
+    progress bar when `what` names the pass."""
     source = raw.file.counts if layer == data_lib.count_layer(raw.spec) else raw.file.layer(layer, field,
                                                                                              self.block_values)
     file_rows = raw.file.kept[rows]
-    for start, stop in raw.file.counts.blocks():
+    for start, stop in self.blocks(raw.file.counts, what) if what else raw.file.counts.blocks():
       lo, hi = np.searchsorted(file_rows, [start, stop])
       if hi > lo:
         block = reading(source, start, stop, raw.path, field)
@@ -166,7 +173,7 @@ class DiskReader:
 
   def representation_rows(self, raw, name: str, rows: np.ndarray):
     layer, field = data_lib.representation_layer(raw.spec, name)
-    blocks = [block for _, block in self.rows_of(raw, layer, field, np.asarray(rows))]
+    blocks = [block for _, block in self.rows_of(raw, layer, field, np.asarray(rows), f"{name}: fit rows")]
     matrix = sp.vstack(blocks, format="csr") if blocks else sp.csr_matrix((0, raw.adata.n_vars), dtype=np.float32)
     return data_lib.representation_input(raw.spec, matrix, raw.adata.var_names, raw.rep_features, raw.path, field)
 
@@ -182,7 +189,7 @@ class DiskReader:
                   else self.obsm_blocks(raw, name) if spec.rep == "obsm"
                   else (block for _, block in self.rows_of(raw, rep_layer, rep_field, every)))
     log_factorials, rep_dim = [], None
-    for _, block in self.rows_of(raw, data_lib.count_layer(spec), field, every):
+    for _, block in self.rows_of(raw, data_lib.count_layer(spec), field, every, f"{name}: training arrays"):
       counts = data_lib.align_features(block, raw.adata.var_names, raw.features, raw.path, field)
       rep = None
       if spec.rep != "none":
@@ -222,7 +229,7 @@ class DiskReader:
         yield values
 
 
-def first_pass(counts: H5Rows, spec, path, field: str, count_check: str, dispersion: bool) -> dict:
+def first_pass(counts: H5Rows, blocks, spec, path, field: str, count_check: str, dispersion: bool) -> dict:
   """One pass over the count layer: value checks (naming the rows), which cells and features hold data, and the
   per-feature sums feature selection needs (raw totals; cp10k sums when `dispersion`)."""
   n_cells, n_features = counts.shape
@@ -232,7 +239,7 @@ def first_pass(counts: H5Rows, spec, path, field: str, count_check: str, dispers
   cp10k_sums = np.zeros(n_features) if dispersion else None
   non_integer = 0
   counted = spec.likelihood in data_lib.COUNT_LIKELIHOODS
-  for start, stop in counts.blocks():
+  for start, stop in blocks:
     block = reading(counts, start, stop, path, field)
     where = f"{path} (rows {start:,}-{stop - 1:,})"
     data_lib.check_values(block, spec.likelihood, where, field)

@@ -57,7 +57,8 @@ def data_reader(config, workdir: pathlib.Path, inputs: dict | None):
       return data_lib.MemoryReader()
     log(f"the count matrices take {stored / 2**30:.1f} GiB, more than a tenth of this machine's memory: streaming "
         f"them from {workdir / run_dir.ROWS} (data.storage=auto)")
-  return streaming.DiskReader(workdir / run_dir.ROWS / f"process_{jax.process_index()}")
+  return streaming.DiskReader(workdir / run_dir.ROWS / f"process_{jax.process_index()}",
+                              progress=config.train.progress and parallel.is_main_process())
 
 
 def log(message: str):
