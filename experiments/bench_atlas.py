@@ -34,6 +34,7 @@ STAGES = [  # (name, pattern of the trainer's log line that ends it)
     ("encode_write", re.compile(r"clue_jax: ()embeddings encoded and written in ([\d.]+) s")),
 ]
 FIT_CELLS = {"rna": 100_000, "adt": 100_000, "atac": 20_000}
+TIMEOUT_S = 3600  # A run still going after an hour is stopped (SIGKILL) and reported as such.
 
 
 def rss_gb(pid: int) -> float:
@@ -93,10 +94,13 @@ def train_command(kind: str, data: pathlib.Path, storage: str, workdir: pathlib.
   return [sys.executable, "-m", "clue_jax.train", *flags]
 
 
-def measure(command: list, log: pathlib.Path, parse_stages: bool) -> dict:
-  """Runs `command`, its output teed to `log`; wall time, overall peak RSS and (clue_jax) per-stage seconds and peak."""
+def measure(command: list, log: pathlib.Path, parse_stages: bool, timeout_s: float) -> dict:
+  """Runs `command`, its output teed to `log`, SIGKILLed after `timeout_s`; wall time, overall peak RSS and
+  (clue_jax) per-stage seconds and peak."""
   started = time.perf_counter()
   process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  timer = threading.Timer(timeout_s, process.kill)
+  timer.start()
   sampler = Sampler(process.pid)
   stages = {}
   with open(log, "w") as out:
@@ -111,6 +115,7 @@ def measure(command: list, log: pathlib.Path, parse_stages: bool) -> dict:
           key = f"{name}_{match.group(1)}" if match.group(1) else name
           stages[key] = {"seconds": float(match.group(2)), "peak_rss_gb": round(sampler.mark(), 3)}
   returncode = process.wait()
+  timer.cancel()
   sampler.stop()
   result = {"returncode": returncode, "wall_s": round(time.perf_counter() - started, 1),
             "peak_rss_gb": round(sampler.overall, 3)}
@@ -121,7 +126,8 @@ def measure(command: list, log: pathlib.Path, parse_stages: bool) -> dict:
 
 def clue_run(kind, cells, data, storage, scratch, log_dir) -> dict:
   workdir = scratch / f"run_{kind}_{cells}_{storage}"
-  result = measure(train_command(kind, data, storage, workdir), log_dir / f"{kind}_{cells}_{storage}.log", True)
+  result = measure(train_command(kind, data, storage, workdir), log_dir / f"{kind}_{cells}_{storage}.log", True,
+                   TIMEOUT_S)
   metrics = workdir / "metrics.jsonl"
   if metrics.is_file() and metrics.read_text().strip():
     record = json.loads(metrics.read_text().splitlines()[0])
@@ -135,7 +141,7 @@ def reference_run(kind, cells, data, python, scratch, log_dir) -> dict:
   other = "adt" if kind == "cite" else "atac"
   command = [python, str(ROOT / "experiments" / "reference_atlas.py"), "--kind", kind, "--rna",
              str(data / "rna.h5ad"), "--other", str(data / f"{other}.h5ad"), "--out", str(out), "--threads", "2"]
-  result = measure(command, log_dir / f"{kind}_{cells}_reference.log", False)
+  result = measure(command, log_dir / f"{kind}_{cells}_reference.log", False, TIMEOUT_S)
   if out.is_file():
     result["reference"] = json.loads(out.read_text())
   return {"implementation": "scglue 0.4.1", **result}
@@ -200,7 +206,9 @@ def report(path: pathlib.Path):
       prep = sum(ref["stages"][k]["seconds"] for k in ("read", "preprocess") if k in ref.get("stages", {}))
       epoch = ref.get("stages", {}).get("fit", {}).get("seconds")
       ok = ok and not ref.get("failed_stage")
-      outcome = "completed" if ok else f"failed in {ref.get('failed_stage')}: {ref.get('error', '')[:80]}"
+      stage = ref.get("failed_stage") or ref.get("running_stage")
+      error = ref.get("error") or f"exit {r['returncode']}"
+      outcome = "completed" if ok else f"failed in {stage}: {error[:80]}"
     else:
       outcome = "completed" if ok else f"exit {r['returncode']}"
     rate = r.get("cells_per_s") or (r.get("reference", {}).get("cells_per_s"))

@@ -20,6 +20,7 @@ import time
 import warnings
 
 import anndata as ad
+import h5py
 import jax
 import numpy as np
 import pandas as pd
@@ -187,38 +188,59 @@ def unseen_foscttm(encoder: Encoder, state, dataset: data_lib.Dataset, seed: int
 MONITORED = {"heldout_foscttm": heldout_foscttm, "unseen_foscttm": unseen_foscttm}
 
 
-def write_embeddings(encoder: Encoder, state, dataset: data_lib.Dataset, config, out_dir: pathlib.Path) -> dict:
-  """`<modality>.h5ad` (obs + obsm["X_clue"]) for every modality, and `joint.h5ad` for multi-modal cells.
+EMBEDDED_ROWS = 65_536  # Cells encoded and written at a time.
 
-  Every process encodes (its share); only process 0 writes.
+
+def write_embeddings(encoder: Encoder, state, dataset: data_lib.Dataset, config, out_dir: pathlib.Path) -> dict:
+  """`<modality>.h5ad` (obs + obsm["X_clue"]) for every modality, and `joint.h5ad` for multi-modal cells (the mean of
+  their modalities' embeddings), encoded and written EMBEDDED_ROWS cells at a time, so that memory does not grow with
+  the cells. Every process encodes (its share); only process 0 writes.
   """
-  write = parallel.is_main_process()
-  if write:
+  if parallel.is_main_process():
     out_dir.mkdir(parents=True, exist_ok=True)
-  embeddings = {}
+  width = len(encoder.model.specs) * encoder.model.latent_dim  # The embedding: K subspaces (or one of K times that).
   for name, m in dataset.modalities.items():
-    embeddings[name] = encoder(state, name, np.arange(m.counts.shape[0]))
-    if write:
-      save_embedding(out_dir / f"{name}.h5ad", m.obs, embeddings[name])
+    n = m.counts.shape[0]
+    write_embedding(out_dir / f"{name}.h5ad", m.obs, width,
+                    ((start, encoder(state, name, np.arange(start, min(n, start + EMBEDDED_ROWS))))
+                     for start in range(0, n, EMBEDDED_ROWS)))
   pairing = sampler.pair_cells({n: m.obs.index for n, m in dataset.modalities.items()}, config.data.pair_by)
   present = np.stack([pairing.rows[n] >= 0 for n in dataset.names])
   multi = np.flatnonzero(present.sum(0) >= 2)
-  joint = np.zeros((len(multi), embeddings[dataset.names[0]].shape[1]), np.float32)
   obs = pd.DataFrame(index=pd.Index(pairing.ids[multi].astype(str)))
   for name in dataset.names:
-    rows = pairing.rows[name][multi]
-    joint[rows >= 0] += embeddings[name][rows[rows >= 0]]
-    obs[f"in_{name}"] = rows >= 0
-  joint /= present[:, multi].sum(0)[:, None]
-  if write:
-    save_embedding(out_dir / "joint.h5ad", obs, joint)
-  return {n: e.shape for n, e in embeddings.items()} | {"joint": joint.shape}
+    obs[f"in_{name}"] = pairing.rows[name][multi] >= 0
+
+  def joint_chunks():
+    for start in range(0, len(multi), EMBEDDED_ROWS):
+      ids = multi[start:start + EMBEDDED_ROWS]
+      joint = np.zeros((len(ids), width), np.float32)
+      for name in dataset.names:
+        rows = pairing.rows[name][ids]
+        joint[rows >= 0] += encoder(state, name, rows[rows >= 0])
+      yield start, joint / present[:, ids].sum(0)[:, None]
+
+  write_embedding(out_dir / "joint.h5ad", obs, width, joint_chunks())
+  return {n: (m.counts.shape[0], width) for n, m in dataset.modalities.items()} | {"joint": (len(multi), width)}
 
 
-def save_embedding(path: pathlib.Path, obs: pd.DataFrame, embedding: np.ndarray):
-  adata = ad.AnnData(obs=obs.copy())
-  adata.obsm["X_clue"] = embedding
-  outputs.write_atomically(path, lambda p: adata.write_h5ad(p))
+def write_embedding(path: pathlib.Path, obs: pd.DataFrame, width: int, chunks):
+  """An .h5ad of `obs` and obsm["X_clue"] (cells x width), filled from `chunks` ((first row, values) pairs) as they
+  come; written atomically by process 0, while every process runs through `chunks` (they encode together)."""
+  if not parallel.is_main_process():
+    for _ in chunks:
+      pass
+    return
+
+  def write(tmp: pathlib.Path):
+    ad.AnnData(obs=obs).write_h5ad(tmp)
+    with h5py.File(tmp, "a") as f:
+      embedding = f["obsm"].create_dataset("X_clue", shape=(len(obs), width), dtype="float32")
+      embedding.attrs.update({"encoding-type": "array", "encoding-version": "0.2.0"})
+      for start, values in chunks:
+        embedding[start:start + len(values)] = values
+
+  outputs.write_atomically(path, write)
 
 
 # ------------------------------------------------------------------------------------------------------ loop
