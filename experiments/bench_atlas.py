@@ -34,7 +34,6 @@ STAGES = [  # (name, pattern of the trainer's log line that ends it)
     ("encode_write", re.compile(r"clue_jax: ()embeddings encoded and written in ([\d.]+) s")),
 ]
 FIT_CELLS = {"rna": 100_000, "adt": 100_000, "atac": 20_000}
-TIMEOUT_S = 3600  # A run still going after an hour is stopped (SIGKILL) and reported as such.
 
 
 def rss_gb(pid: int) -> float:
@@ -117,17 +116,17 @@ def measure(command: list, log: pathlib.Path, parse_stages: bool, timeout_s: flo
   returncode = process.wait()
   timer.cancel()
   sampler.stop()
-  result = {"returncode": returncode, "wall_s": round(time.perf_counter() - started, 1),
+  result = {"returncode": returncode, "wall_s": round(time.perf_counter() - started, 1), "timeout_s": timeout_s,
             "peak_rss_gb": round(sampler.overall, 3)}
   if parse_stages:
     result["stages"] = stages
   return result
 
 
-def clue_run(kind, cells, data, storage, scratch, log_dir) -> dict:
+def clue_run(kind, cells, data, storage, scratch, log_dir, timeout_s) -> dict:
   workdir = scratch / f"run_{kind}_{cells}_{storage}"
   result = measure(train_command(kind, data, storage, workdir), log_dir / f"{kind}_{cells}_{storage}.log", True,
-                   TIMEOUT_S)
+                   timeout_s)
   metrics = workdir / "metrics.jsonl"
   if metrics.is_file() and metrics.read_text().strip():
     record = json.loads(metrics.read_text().splitlines()[0])
@@ -135,13 +134,13 @@ def clue_run(kind, cells, data, storage, scratch, log_dir) -> dict:
   return {"implementation": "clue_jax", "storage": storage, **result}
 
 
-def reference_run(kind, cells, data, python, scratch, log_dir) -> dict:
+def reference_run(kind, cells, data, python, scratch, log_dir, timeout_s) -> dict:
   out = scratch / f"reference_{kind}_{cells}.json"
   out.unlink(missing_ok=True)
   other = "adt" if kind == "cite" else "atac"
   command = [python, str(ROOT / "experiments" / "reference_atlas.py"), "--kind", kind, "--rna",
              str(data / "rna.h5ad"), "--other", str(data / f"{other}.h5ad"), "--out", str(out), "--threads", "2"]
-  result = measure(command, log_dir / f"{kind}_{cells}_reference.log", False, TIMEOUT_S)
+  result = measure(command, log_dir / f"{kind}_{cells}_reference.log", False, timeout_s)
   if out.is_file():
     result["reference"] = json.loads(out.read_text())
   return {"implementation": "scglue 0.4.1", **result}
@@ -164,6 +163,7 @@ def main():
   parser.add_argument("--cases", default="cite:100000")
   parser.add_argument("--storages", default="memory,disk")
   parser.add_argument("--reference-python", default="")
+  parser.add_argument("--timeout", type=float, default=3600, help="seconds after which a run is stopped (SIGKILL)")
   parser.add_argument("--out", type=pathlib.Path, default=ROOT / "experiments" / "results" / "atlas.jsonl")
   parser.add_argument("--table", action="store_true", help="print the table and draw the PNG from --out, then stop")
   args = parser.parse_args()
@@ -176,9 +176,11 @@ def main():
     cells = int(cells)
     source = args.cite_source if kind == "cite" else args.multiome_source
     data = atlas(kind, cells, source, args.atlas_dir)
-    runs = [lambda s=s: clue_run(kind, cells, data, s, args.scratch, args.scratch) for s in args.storages.split(",")]
+    runs = [lambda s=s: clue_run(kind, cells, data, s, args.scratch, args.scratch, args.timeout)
+            for s in args.storages.split(",") if s]
     if args.reference_python:
-      runs.append(lambda: reference_run(kind, cells, data, args.reference_python, args.scratch, args.scratch))
+      runs.append(lambda: reference_run(kind, cells, data, args.reference_python, args.scratch, args.scratch,
+                                        args.timeout))
     for run in runs:
       result = {"kind": kind, "cells": cells, **run(), "host": machine}
       print(json.dumps(result), flush=True)

@@ -311,8 +311,8 @@ def transform_lsi(state, counts):
 # ------------------------------------------------------- feature selection
 
 
-def _centred_col_sq_sums(y, mean):
-  """Per-column sum of (y - mean)^2, two-pass exact for CSR or dense y."""
+def centred_col_sq_sums(y, mean):
+  """Per-column sum of (y - mean)^2, two-pass exact for CSR or dense y; summed over row chunks, the whole's."""
   if not sp.issparse(y):
     return ((y - mean) ** 2).sum(axis=0)
   f = y.shape[1]
@@ -343,17 +343,12 @@ def cp10k(counts):
   return _scale_rows(counts, _SCALE * _safe_inverse(_row_sums(counts)))
 
 
-def centred_col_sq_sums(y, mean):
-  """Per-column sum of (y - mean)^2 over the rows of y (CSR or dense): summed over row chunks, the whole's."""
-  return _centred_col_sq_sums(y, mean)
-
-
 def select_by_dispersion(counts, n_top, n_bins=20):
   """Highly variable features, an approximation of scanpy flavor="seurat" (see top_by_dispersion)."""
   y = cp10k(counts)
   n = y.shape[0]
   mean = _col_sums(y) / n
-  return top_by_dispersion(mean, _centred_col_sq_sums(y, mean) / max(n - 1, 1), n_top, n_bins)
+  return top_by_dispersion(mean, centred_col_sq_sums(y, mean) / max(n - 1, 1), n_top, n_bins)
 
 
 def top_by_dispersion(m, var, n_top, n_bins=20):
