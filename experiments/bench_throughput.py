@@ -177,6 +177,8 @@ def main():
   parser.add_argument("--preset", choices=["defaults", "competition_cite"], default="defaults")
   parser.add_argument("--matmul-dtype", choices=["float32", "bfloat16"], default="float32",
                       help="model.matmul_dtype of clue_jax (the reference always runs float32)")
+  parser.add_argument("--matmul-size", type=int, default=2048,
+                      help="n of the n x n products that measure the matmul FLOP/s (large on a GPU, e.g. 8192)")
   parser.add_argument("--ref-python", help="python of a venv with scglue: also measure the reference")
   parser.add_argument("--compare", action="append", default=[], metavar="KEY=VALUE",
                       help="config override of a second model timed beside the first (repeatable)")
@@ -189,12 +191,12 @@ def main():
       compared = Timers(other, args.epochs)
   rounds = []
   for _ in range(args.rounds):
-    measured = {"matmul_gflops": matmul_flops() / 1e9, "step_cells_per_s": timers.steps(),
+    measured = {"matmul_gflops": matmul_flops(args.matmul_size) / 1e9, "step_cells_per_s": timers.steps(),
                 "loop_cells_per_s": timers.loop()}
     measured["fraction_of_matmul_peak"] = (measured["step_cells_per_s"] * timers.flops_per_cell
                                            / (measured["matmul_gflops"] * 1e9))
     if args.matmul_dtype == "bfloat16":  # The same FLOPs against the bf16 products' own rate.
-      measured["bf16_matmul_gflops"] = matmul_flops(dtype=jnp.bfloat16) / 1e9
+      measured["bf16_matmul_gflops"] = matmul_flops(args.matmul_size, dtype=jnp.bfloat16) / 1e9
       measured["fraction_of_bf16_matmul_peak"] = (measured["step_cells_per_s"] * timers.flops_per_cell
                                                   / (measured["bf16_matmul_gflops"] * 1e9))
     if args.compare:

@@ -86,6 +86,7 @@ def main():
   parser.add_argument("--steps-per-dispatch", type=int, default=8)
   parser.add_argument("--preset", choices=["defaults", "competition_cite"], default="defaults")
   parser.add_argument("--matmul-dtype", choices=["float32", "bfloat16"], default="float32")
+  parser.add_argument("--matmul-size", type=int, default=2048, help="n of the n x n products timed for the matmul rate")
   args = parser.parse_args()
   args.devices, args.host_data = 1, False
   with tempfile.TemporaryDirectory() as tmp:
@@ -108,7 +109,7 @@ def main():
   busy = sum(shares.values())
   n_steps = timers.per_dispatch
   step_s = timers.batch_size / timers.steps()  # steps() is cells/s.
-  matmul_rate = bench_throughput.matmul_flops()
+  matmul_rate = bench_throughput.matmul_flops(args.matmul_size)
   print(json.dumps({
       "batch_size": timers.batch_size, "steps_traced": n_steps, "thunks": len(times),
       "thunk_ms_per_step": busy / 1e3 / n_steps, "step_ms_untraced": step_s * 1e3,

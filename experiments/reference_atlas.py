@@ -42,7 +42,12 @@ Output (--out, JSON), rewritten after every stage:
   running_stage the stage in progress when the file was written, null once the run is over; a file left with a
                 running_stage means the process was killed there (e.g. SIGKILL by the OOM killer).
   failed_stage, error  the stage that raised (MemoryError, SIGTERM, any exception) and "Type: message"; the
-                traceback goes to stderr. The script then stops and still exits 0.
+                traceback goes to stderr. The script then stops and still exits 0. Python handles SIGTERM only
+                between bytecodes: a stage busy inside one long C call (sc.pp.scale, PCA, LSI) records it when that
+                call returns, so a caller should follow SIGTERM with SIGKILL after a grace period, then read
+                running_stage. Under an address-space cap (ulimit -v) a failed allocation inside scipy's LU (in
+                sc.tl.pca's randomized solver) was seen swallowed ("Exception ignored"), the process then spinning
+                in preprocess without end: cap memory with a cgroup, or give the run a wall-clock limit.
   cells, features, highly_variable (decoder features per modality), train_cells (round(0.9 x cells), fit()'s
   training split), cells_per_s (train_cells / fit seconds, the whole of fit() for its single epoch: dataset setup
   and validation included; null unless fit finished), epochs_run and train_rows (counted in the trainer's
@@ -50,12 +55,16 @@ Output (--out, JSON), rewritten after every stage:
   incomplete group of fetches), embedding_shapes, kind, seed, threads, inputs, versions.
 The result is also printed to stdout, after scglue's log lines.
 
-Reference environment (CPU; torch first, from the local CPU wheel, so that pip does not pull a multi-GB CUDA build;
-scikit-misc is needed by flavor="seurat_v3"):
+Reference environment (CPU; pip took torch 2.13.0+cpu from the machine's local wheel directory, so no multi-GB CUDA
+build; scikit-misc is needed by flavor="seurat_v3" and is not pulled in by scanpy; "Location file:///opt... is
+ignored" warnings can be ignored):
 
   python3 -m venv /tmp/ref
-  /tmp/ref/bin/pip install torch==2.13.0
-  /tmp/ref/bin/pip install scglue==0.4.1 scanpy scikit-misc
+  /tmp/ref/bin/pip install torch==2.13.0 scglue==0.4.1 scanpy
+  /tmp/ref/bin/pip install scikit-misc
+
+That resolved (Dec 2026, Python 3.11) to torch 2.13.0+cpu, scanpy 1.11.5, anndata 0.12.19, numpy 2.4.6, scipy 1.17.1,
+scikit-learn 1.9.1, numba 0.68.1, pytorch-ignite 0.5.5, scikit-misc 0.5.3.
 
 Usage:
 

@@ -26,11 +26,13 @@ WHOLE_FILES = ("tests/train/test_multihost.py", "tests/train/test_invariance.py"
                "tests/test_api.py", "tests/model/test_losses.py", "tests/evaluate/test_metrics.py")
 # The longest work units, longest first (as measured on a cold compile cache on this 2-core machine, 40 to 130 s
 # each): started first, they leave the short tests to fill the gaps, so that both processes finish together.
-LONGEST_FIRST = ("tests/train/test_multihost.py", "tests/competition/test_competition.py::test_both_stages",
-                 "tests/test_quickstart.py", "tests/train/test_invariance.py",
-                 "tests/sweep/test_sweep.py::test_sweep_runs", "tests/train/test_optimizers.py", "tests/test_fit.py",
-                 "tests/data/test_fuzz.py", "tests/data/test_device_data.py", "tests/train/test_short_epochs.py",
-                 "tests/train/test_train.py::test_run_killed_twice")
+LONGEST_FIRST = ("tests/train/test_multihost.py", "tests/test_gpu_check.py",
+                 "tests/competition/test_competition.py::test_both_stages", "tests/test_quickstart.py",
+                 "tests/train/test_invariance.py", "tests/sweep/test_sweep.py::test_sweep_runs",
+                 "tests/train/test_optimizers.py", "tests/test_fit.py", "tests/data/test_fuzz.py",
+                 "tests/data/test_device_data.py", "tests/train/test_train.py::test_run_killed_twice",
+                 "tests/data/test_streaming.py::test_bad_rows", "tests/train/test_short_epochs.py",
+                 "tests/data/test_streaming.py::test_training_from_disk")
 
 
 def rank(nodeid: str) -> int:
