@@ -9,7 +9,7 @@ import h5py
 import numpy as np
 import scipy.sparse as sp
 
-BLOCK_VALUES = 2**24  # Stored values (non-zeros, or entries of a dense matrix) per block: 128 MiB as CSR float32.
+BLOCK_VALUES = 2**23  # Stored values (non-zeros, or entries of a dense matrix) per block: 64 MiB as CSR float32.
 
 
 class UnreadableRows(Exception):

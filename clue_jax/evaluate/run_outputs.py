@@ -6,15 +6,17 @@ import pathlib
 import warnings
 from typing import NamedTuple
 
-import anndata as ad
+import h5py
 import ml_collections
 import numpy as np
+from anndata.io import read_elem
 
 from clue_jax import outputs
 from clue_jax.data import dataset as data_lib, sampler
 
 CONVENTIONAL_LABEL_KEY = "cell_type"  # Used when neither the command nor the config names a label column.
 CONVENTIONAL_BATCH_KEY = "batch"
+BLOCK = 65_536  # Rows of an embedding read at a time when a subset is read.
 
 
 class RunOutputsError(ValueError):
@@ -29,8 +31,12 @@ class RunOutputs(NamedTuple):
   heldout_ids: list  # Cell names whose pairing training hid (data.heldout_pairs).
 
 
-def load(workdir, finished: bool = True) -> RunOutputs:
-  """The outputs in `workdir`; `finished=False` skips the check for summary.json (the trainer, before writing it)."""
+def load(workdir, finished: bool = True, max_cells: int | None = None, seed: int = 0) -> RunOutputs:
+  """The outputs in `workdir`; `finished=False` skips the check for summary.json (the trainer, before writing it).
+
+  With `max_cells`, a modality of more cells keeps a seeded subset of that many rows (the same positions in every
+  modality of as many cells, so the cells of files in the same order stay paired), read a block at a time.
+  """
   workdir = pathlib.Path(workdir)
   for path in (workdir / "summary.json", workdir / "config.json")[0 if finished else 1:]:
     if not path.is_file():
@@ -44,13 +50,24 @@ def load(workdir, finished: bool = True) -> RunOutputs:
     if not path.is_file():
       raise RunOutputsError(f"{path} is missing: the run's embeddings are incomplete; run the training command "
                             f"again on {workdir} to rewrite them")
-    with warnings.catch_warnings():  # Old-format obs columns copied from the input files.
-      warnings.simplefilter("ignore")
-      adata = ad.read_h5ad(path)
-    if "X_clue" not in adata.obsm:
-      raise RunOutputsError(f"{path} has no obsm['X_clue']: it is not a clue_jax embedding file")
-    embeddings[name], obs[name] = np.asarray(adata.obsm["X_clue"]), adata.obs
+    embeddings[name], obs[name] = read_embedding(path, max_cells, seed)
   return RunOutputs(config, embeddings, obs, read_records(workdir / "metrics.jsonl"), heldout_ids(workdir, config, obs))
+
+
+def read_embedding(path: pathlib.Path, max_cells: int | None, seed: int) -> tuple:
+  """(obsm["X_clue"], obs) of an embedding file, or of a seeded subset of `max_cells` of its cells."""
+  with warnings.catch_warnings():  # Old-format obs columns copied from the input files.
+    warnings.simplefilter("ignore")
+    with h5py.File(path, "r") as f:
+      if "X_clue" not in f.get("obsm", {}):
+        raise RunOutputsError(f"{path} has no obsm['X_clue']: it is not a clue_jax embedding file")
+      obs, values = read_elem(f["obs"]), f["obsm"]["X_clue"]
+      if max_cells is None or len(obs) <= max_cells:
+        return np.asarray(values[:]), obs
+      rows = np.sort(np.random.default_rng(seed).choice(len(obs), max_cells, replace=False))
+      blocks = [values[start:start + BLOCK][rows[(rows >= start) & (rows < start + BLOCK)] - start]
+                for start in range(0, len(obs), BLOCK)]
+      return np.concatenate(blocks), obs.iloc[rows]
 
 
 def read_records(path: pathlib.Path) -> list:

@@ -10,6 +10,8 @@ from clue_jax import config as config_lib
 from clue_jax.data import sampler
 from clue_jax.evaluate import evaluation, plots, run_outputs
 
+PLOTTED_CELLS = 100_000  # Cells of each modality the final plots read at most (a seeded subset; they show 10,000).
+
 
 class PeriodicEvaluation:
   """Scores the current model on a fixed seeded subset of at most `evals.max_cells` cell IDs (all modalities of
@@ -66,7 +68,7 @@ def final_plots(workdir, config) -> dict:
     return {"written": [], "note": "off (evals.plots=False)"}
   workdir = pathlib.Path(workdir)
   try:
-    outputs = run_outputs.load(workdir, finished=False)
+    outputs = run_outputs.load(workdir, finished=False, max_cells=PLOTTED_CELLS, seed=config.seed)
     columns = {c for o in outputs.obs.values() for c in o.columns}
     label_key, batch_key = run_outputs.default_keys(config, columns)
     written = plots.write_plots(workdir / "plots", outputs.embeddings, outputs.obs, outputs.records, label_key,
