@@ -199,18 +199,20 @@ def report(path: pathlib.Path):
   import matplotlib.pyplot as plt
   runs = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
   print("| data | cells | implementation | end to end | peak RSS | read + preprocess | epoch (cells/s) | "
-        "encode + write | outcome |")
-  print("|---|---|---|---|---|---|---|---|---|")
+        "encode + write | outcome | commit |")
+  print("|---|---|---|---|---|---|---|---|---|---|")
   for r in runs:
     name = r["implementation"] + (f" ({r['storage']})" if "storage" in r else "")
     stages = r.get("stages", {})
     prep = sum(v["seconds"] for k, v in stages.items() if k.split("_")[0] in ("read", "fit", "arrays"))
     epoch = stages.get("epoch", {}).get("seconds")
+    encode = stages.get("encode_write", {}).get("seconds")
     ok = r["returncode"] == 0
     if "reference" in r:
       ref = r["reference"]
       prep = sum(ref["stages"][k]["seconds"] for k in ("read", "preprocess") if k in ref.get("stages", {}))
       epoch = ref.get("stages", {}).get("fit", {}).get("seconds")
+      encode = ref.get("stages", {}).get("encode", {}).get("seconds")
       ok = ok and not ref.get("failed_stage")
       stage = ref.get("failed_stage") or ref.get("running_stage")
       error = ref.get("error") or f"exit {r['returncode']}"
@@ -222,7 +224,7 @@ def report(path: pathlib.Path):
     print(f"| {r['kind']} | {r['cells']:,} | {name} | {r['wall_s'] / 60:.1f} min | {r['peak_rss_gb']:.2f} GB | "
           f"{prep:.0f} s | {'' if epoch is None else f'{epoch:.0f} s'}"
           f"{'' if rate is None else f' ({rate:,.0f}{later})'} | "
-          f"{stages.get('encode_write', {}).get('seconds', 0):.0f} s | {outcome} |")
+          f"{'' if encode is None else f'{encode:.0f} s'} | {outcome} | {r['host']['commit']} |")
   figure, (memory, wall) = plt.subplots(1, 2, figsize=(10, 4))
   for key in sorted({(r["kind"], r["implementation"], r.get("storage", "")) for r in runs}):
     chosen = sorted((r for r in runs if (r["kind"], r["implementation"], r.get("storage", "")) == key),

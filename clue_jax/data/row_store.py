@@ -17,7 +17,6 @@ import numpy as np
 import scipy.sparse as sp
 
 RECORD = np.dtype([("column", "<i4"), ("value", "<f4")])
-DONE = "complete"  # Written last: a store without it was interrupted and is rebuilt.
 
 
 class StoreWriter:
@@ -45,7 +44,7 @@ class StoreWriter:
       self.rep.write(np.ascontiguousarray(rep, "<f4").tobytes())
 
   def close(self, rep_dim: int | None):
-    """Finishes the store: offsets and shapes written, then the marker that it is complete."""
+    """Finishes the store: offsets, totals and shapes written."""
     self.records.close()
     if self.rep is not None:
       self.rep.close()
@@ -53,11 +52,6 @@ class StoreWriter:
     np.save(self.directory / "indptr.npy", indptr)
     np.save(self.directory / "totals.npy", np.concatenate([np.zeros(0, np.float32), *self.totals]))
     np.save(self.directory / "shape.npy", np.array([len(indptr) - 1, self.n_features, rep_dim or 0], np.int64))
-    (self.directory / DONE).touch()
-
-
-def is_complete(directory: pathlib.Path) -> bool:
-  return (pathlib.Path(directory) / DONE).is_file()
 
 
 def _runs(unique_rows: np.ndarray):

@@ -8,7 +8,7 @@
     <workdir>/embeddings/         <modality>.h5ad and joint.h5ad, obsm["X_clue"]
     <workdir>/summary.json        written last: the run finished (its `restored_epoch` is the final model)
     <workdir>/rows/               with data.storage=disk: the training rows (`data/row_store.py`), rebuilt from the
-                                  files whenever the run starts or resumes
+                                  files whenever the run starts or resumes, removed when it finishes
 
 A model is rebuilt from the constructor arguments in its `RunMeta` (`ModelArgs`, as scvi-tools keeps a model's
 init arguments), never from the names of its parameters. Runs written before `RunMeta` held them (clue_jax up to

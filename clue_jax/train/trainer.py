@@ -58,8 +58,12 @@ def data_reader(config, workdir: pathlib.Path, inputs: dict | None):
       return data_lib.MemoryReader()
     log(f"the count matrices take {stored / 2**30:.1f} GiB, more than a tenth of this machine's memory: streaming "
         f"them from {workdir / run_dir.ROWS} (data.storage=auto)")
-  return streaming.DiskReader(workdir / run_dir.ROWS / f"process_{jax.process_index()}",
-                              progress=config.train.progress and parallel.is_main_process())
+  return streaming.DiskReader(rows_dir(workdir), progress=config.train.progress and parallel.is_main_process())
+
+
+def rows_dir(workdir: pathlib.Path) -> pathlib.Path:
+  """This process's store of training rows (data.storage=disk); removed when the run finishes."""
+  return workdir / run_dir.ROWS / f"process_{jax.process_index()}"
 
 
 def log(message: str):
@@ -509,6 +513,8 @@ def train_and_evaluate(config, workdir, init_from=None, inputs=None) -> dict:
     summary["plots"] = periodic_eval.final_plots(workdir, config)
     outputs.write_atomically(workdir / run_dir.SUMMARY, lambda p: p.write_text(json.dumps(summary, indent=2)))
   ckpts.close()
+  if dataset.on_disk:  # Only an unfinished run needs its rows again, and a resumed run rebuilds them.
+    shutil.rmtree(rows_dir(workdir), ignore_errors=True)
   return summary
 
 
