@@ -251,24 +251,40 @@ def check_unique_names(adata: ad.AnnData, path: str):
 
 
 def nonzero_cells(counts: sp.csr_matrix, path: str, field: str) -> np.ndarray:
-  """Mask of the cells with at least one non-zero value; warns with the number of the others."""
-  keep = np.diff(counts.indptr) > 0
+  """Mask of the cells with at least one non-zero value (`checked_cells`)."""
+  return checked_cells(np.diff(counts.indptr) > 0, counts.shape[1], path, field)
+
+
+def checked_cells(keep: np.ndarray, n_features: int, path: str, field: str, stacklevel: int = 4) -> np.ndarray:
+  """`keep`, the cells with data: an error when there is none, a warning with the number of the others."""
   if not keep.any():
-    raise DataError(f"{path}: no cell has a non-zero value in {field} ({counts.shape[0]} cells, {counts.shape[1]} "
+    raise DataError(f"{path}: no cell has a non-zero value in {field} ({len(keep)} cells, {n_features} "
                     f"features); point it at the layer holding the data")
   if not keep.all():
-    warnings.warn(f"{path}: dropped {int((~keep).sum())} of {counts.shape[0]} cells whose {field} is zero in every "
-                  f"feature (nothing to reconstruct)", stacklevel=3)
+    warnings.warn(f"{path}: dropped {int((~keep).sum())} of {len(keep)} cells whose {field} is zero in every "
+                  f"feature (nothing to reconstruct)", stacklevel=stacklevel)
   return keep
 
 
 def nonzero_features(counts: sp.csr_matrix, path: str, field: str) -> np.ndarray:
-  """Mask of the features with at least one non-zero value; warns with the number of the others."""
-  keep = np.bincount(counts.indices, minlength=counts.shape[1]) > 0
+  """Mask of the features with at least one non-zero value (`checked_features`)."""
+  return checked_features(np.bincount(counts.indices, minlength=counts.shape[1]) > 0, path, field)
+
+
+def checked_features(keep: np.ndarray, path: str, field: str, stacklevel: int = 4) -> np.ndarray:
+  """`keep`, the features with data, with a warning giving the number of the others."""
   if not keep.all():
-    warnings.warn(f"{path}: {int((~keep).sum())} of {counts.shape[1]} features are zero in every cell of {field}; "
-                  f"they are not used as decoder features", stacklevel=3)
+    warnings.warn(f"{path}: {int((~keep).sum())} of {len(keep)} features are zero in every cell of {field}; "
+                  f"they are not used as decoder features", stacklevel=stacklevel)
   return keep
+
+
+def representation_features(spec, features: np.ndarray, var_names, rep_features) -> np.ndarray | None:
+  """Names of the features a PCA / LSI reads: a trained model's `rep_features`, else the decoder features or all
+  (`spec.rep_features`); None when the representation is not fitted."""
+  if rep_features is None and spec.rep in ("pca", "lsi"):
+    rep_features = features if spec.rep_features == "decoder" else var_names
+  return None if rep_features is None else np.asarray(rep_features).astype(str)
 
 
 def align_features(matrix, var_names, features, path: str, field: str) -> sp.csr_matrix:
@@ -394,10 +410,7 @@ def read_modality(name: str, spec, count_check: str = "warn", trained: dict | No
     features, rep_features = decoder_features(adata, counts, spec, path, field), None
   else:
     features, rep_features = np.asarray(trained["features"]).astype(str), trained["rep_features"]
-  if rep_features is None and spec.rep in ("pca", "lsi"):
-    rep_features = features if spec.rep_features == "decoder" else adata.var_names
-  if rep_features is not None:
-    rep_features = np.asarray(rep_features).astype(str)
+  rep_features = representation_features(spec, features, adata.var_names, rep_features)
   return RawModality(adata, spec, path, counts, features, rep_features)
 
 

@@ -120,13 +120,8 @@ class DiskReader:
     dispersion = (trained is None and "highly_variable" not in var and spec.feature_selection == "dispersion"
                   and spec.n_features < table.n_vars)
     stats = first_pass(counts, self.blocks(counts, f"{name}: checking"), spec, path, field, count_check, dispersion)
-    keep = stats["keep"]
-    if not keep.any():
-      raise DataError(f"{path}: no cell has a non-zero value in {field} ({table.n_obs} cells, {table.n_vars} "
-                      f"features); point it at the layer holding the data")
+    keep = data_lib.checked_cells(stats["keep"], table.n_vars, path, field, stacklevel=3)
     if not keep.all():
-      warnings.warn(f"{path}: dropped {int((~keep).sum())} of {table.n_obs} cells whose {field} is zero in every "
-                    f"feature (nothing to reconstruct)", stacklevel=2)
       with ad.settings.override(remove_unused_categories=False):
         table = table[keep].copy()
     file_ref = StreamedFile(path, file, group, counts, np.flatnonzero(keep))
@@ -135,18 +130,13 @@ class DiskReader:
       rep_features = None
     else:
       features, rep_features = np.asarray(trained["features"]).astype(str), trained["rep_features"]
-    if rep_features is None and spec.rep in ("pca", "lsi"):
-      rep_features = features if spec.rep_features == "decoder" else table.var_names
-    if rep_features is not None:
-      rep_features = np.asarray(rep_features).astype(str)
+    rep_features = data_lib.representation_features(spec, features, table.var_names, rep_features)
     release_free_memory()
     return data_lib.RawModality(table, spec, str(path), None, features, rep_features, file_ref)
 
-  def features(self, name: str, table: ad.AnnData, spec, file_ref: StreamedFile, stats: dict, path, field: str) -> np.ndarray:
-    nonzero = stats["feature_nnz"] > 0
-    if not nonzero.all():
-      warnings.warn(f"{path}: {int((~nonzero).sum())} of {len(nonzero)} features are zero in every cell of {field}; "
-                    f"they are not used as decoder features", stacklevel=3)
+  def features(self, name: str, table: ad.AnnData, spec, file_ref: StreamedFile, stats: dict, path,
+               field: str) -> np.ndarray:
+    nonzero = data_lib.checked_features(stats["feature_nnz"] > 0, path, field)
 
     def dispersion(n_top):
       n = len(file_ref.kept)
