@@ -89,8 +89,9 @@ def export_for_reference(workdir: pathlib.Path, names) -> dict:
   return out
 
 
-def run_reference(workdir: pathlib.Path, config, comp, names) -> dict:
-  """Runs the reference's recipe on the exported files (once); returns the epochs each stage ran."""
+def run_reference(workdir: pathlib.Path, config, comp, names, extra_args=()) -> dict:
+  """Runs the reference's recipe on the exported files (once; `extra_args` go to reference_competition.py); returns
+  the epochs each stage ran."""
   configs = recipe.stage_configs(config, comp, {s: {n: "" for n in names} for s in ("pretrain", "finetune")})
   summaries = {s: json.loads((workdir / s / "summary.json").read_text()) for s in ("pretrain", "finetune")}
   reference = workdir / "reference"
@@ -104,6 +105,7 @@ def run_reference(workdir: pathlib.Path, config, comp, names) -> dict:
     for stage in ("pretrain", "finetune"):
       for name in names:
         command += [f"--{stage}-mod", f"{name}={paths[stage][name]}"]
+    command += list(extra_args)
     subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
   result = json.loads((reference / "result.json").read_text())
   return {s: result[s]["epochs_run"] for s in ("pretrain", "finetune") if s in result}

@@ -21,7 +21,8 @@ Usage:
   /tmp/ref/bin/python experiments/reference_competition.py \
       --pretrain-mod rna=DIR/pretrain/rna.h5ad --pretrain-mod adt=DIR/pretrain/adt.h5ad \
       --finetune-mod rna=DIR/finetune/rna.h5ad --finetune-mod adt=DIR/finetune/adt.h5ad \
-      --hyper DIR/hyper.json [--threads 2] --out DIR/reference_result.json --embeddings DIR/reference_embeddings.npz
+      --hyper DIR/hyper.json [--threads 2] [--predict rna=adt] --out DIR/reference_result.json \
+      --embeddings DIR/reference_embeddings.npz
 
 Inputs (as clue_jax exports them; --pretrain-mod / --finetune-mod NAME=PATH, the same names in the same order in both
 stages, since the order fixes the discriminator's modality index): X and layers["counts"] = raw counts of the decoder
@@ -48,7 +49,13 @@ Outputs:
   --embeddings   .npz: per modality NAME, NAME = encode_data's posterior means of every cell of that modality's
                  fine-tune file, in file order (float32, n x (number of modalities x latent_dim): all subspaces, not
                  L2-normalized), pretrain_NAME = the same by the pretrained model (before fine-tuning), and
-                 NAME_obs_names = its obs_names (str).
+                 NAME_obs_names = its obs_names (str). With --predict SOURCE=TARGET (an NB target) also
+                 predict_SOURCE_TARGET: the fine-tuned model's expected TARGET counts for every cell of SOURCE's
+                 fine-tune file, decoded with the cell's own batch, and pretrain_predict_SOURCE_TARGET: the
+                 pretrained model's, averaged over its batches (it knows none of the test batches). scglue's
+                 cross_predict refuses NB and batched targets, so this is the decoding its training applies:
+                 the source's posterior mean (L2-normalised with normalize_u), cut to TARGET's subspace, through
+                 TARGET's decoder with the library size the source encoder estimates for TARGET.
   --out          JSON: seed; per stage ("pretrain", "finetune"): epochs_run (max ignite epoch seen by a wrapped
                  trainer.train_step, as in reference_scglue.py), iterations, fit_settings (the kwargs that reached
                  SCCLUETrainer.fit, i.e. with AUTO resolved), history (per epoch: the averaged train and validation
@@ -102,6 +109,7 @@ def parse_args(argv=None):
                       help="a modality of the fine-tuning stage (train + test cells); same names and order")
   parser.add_argument("--hyper", required=True, metavar="HYPER.json", help="seed, likelihoods, model, compile, fit")
   parser.add_argument("--threads", type=int, default=2, help="torch / BLAS threads (default 2)")
+  parser.add_argument("--predict", metavar="SOURCE=TARGET", help="also save TARGET's predicted counts (see Outputs)")
   parser.add_argument("--out", required=True, metavar="RESULT.json")
   parser.add_argument("--embeddings", required=True, metavar="EMBEDDINGS.npz")
   args = parser.parse_args(argv)
@@ -248,6 +256,32 @@ def adopt_report(finetuned, pretrained, old_batches, new_batches):
           "new_batches": [b for b in new_batches if b not in old_batches]}
 
 
+def predict_counts(model, source, target, adata, batches, chunk=128):
+  """Expected counts of `target` for the cells of `adata` (a `source` file with layers["counts"] and obsm["X_rep"]),
+  each decoded with the target decoder's batch index in `batches`."""
+  import numpy as np
+  import scipy.sparse as sp
+  import torch
+  import torch.nn.functional as F
+
+  net = model.net
+  net.eval()
+  index = net.keys.index(target)
+  counts, rep = adata.layers["counts"], np.asarray(adata.obsm["X_rep"], np.float32)
+  out = []
+  with torch.no_grad():
+    for start in range(0, adata.n_obs, chunk):
+      rows = slice(start, start + chunk)
+      x = counts[rows].toarray() if sp.issparse(counts) else np.asarray(counts[rows])
+      u, library = net.x2u[source](torch.as_tensor(x, dtype=torch.float32), torch.as_tensor(rep[rows]),
+                                   lazy_normalizer=False)
+      mean = F.normalize(u.mean, dim=1) if model.normalize_u else u.mean
+      z = torch.tensor_split(mean, len(net.keys), dim=1)[index]
+      b = torch.as_tensor(batches[rows], dtype=torch.int64)
+      out.append(net.u2x[target](z, b, library[:, index]).mean.numpy())
+  return np.concatenate(out).astype(np.float32)
+
+
 def main(argv=None):
   args = parse_args(argv)
   # Thread caps must be in the environment before numpy / torch load their thread pools.
@@ -290,6 +324,15 @@ def main(argv=None):
     arrays[name] = np.asarray(model.encode_data(name, adata), dtype=np.float32)
     arrays[f"pretrain_{name}"] = np.asarray(pretrained.encode_data(name, adata), dtype=np.float32)
     arrays[f"{name}_obs_names"] = np.asarray(adata.obs_names, dtype=str)
+  if args.predict:
+    source, _, target = args.predict.partition("=")
+    cells = fine_adatas[source]
+    own = [model.net.u2x[target].batches.index(b) for b in cells.obs["batch"].astype(str)]
+    arrays[f"predict_{source}_{target}"] = predict_counts(model, source, target, cells, np.asarray(own))
+    known = pretrained.net.u2x[target].batches
+    arrays[f"pretrain_predict_{source}_{target}"] = sum(
+        predict_counts(pretrained, source, target, cells, np.full(cells.n_obs, i)) for i in range(len(known))
+    ) / len(known)
   np.savez(args.embeddings, **arrays)
 
   result.update({
