@@ -21,12 +21,13 @@ jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 
 # Files whose tests share a module-scoped fixture (a trained run, a compiled step): each runs whole in one process.
-WHOLE_FILES = ("tests/train/test_multihost.py", "tests/train/test_invariance.py", "tests/test_fit.py",
-               "tests/train/test_optimizers.py", "tests/data/test_fuzz.py", "tests/data/test_device_data.py",
-               "tests/test_api.py", "tests/model/test_losses.py", "tests/evaluate/test_metrics.py")
+WHOLE_FILES = ("tests/train/test_multihost.py", "tests/train/test_slurm.py", "tests/train/test_invariance.py",
+               "tests/test_fit.py", "tests/train/test_optimizers.py", "tests/data/test_fuzz.py",
+               "tests/data/test_device_data.py", "tests/test_api.py", "tests/model/test_losses.py",
+               "tests/evaluate/test_metrics.py")
 # The longest work units, longest first (as measured on a cold compile cache on this 2-core machine, 40 to 130 s
 # each): started first, they leave the short tests to fill the gaps, so that both processes finish together.
-LONGEST_FIRST = ("tests/train/test_multihost.py", "tests/test_gpu_check.py",
+LONGEST_FIRST = ("tests/train/test_multihost.py", "tests/train/test_slurm.py", "tests/test_gpu_check.py",
                  "tests/competition/test_competition.py::test_both_stages", "tests/test_quickstart.py",
                  "tests/train/test_invariance.py", "tests/sweep/test_sweep.py::test_sweep_runs",
                  "tests/train/test_optimizers.py", "tests/test_fit.py", "tests/data/test_fuzz.py",

@@ -1,5 +1,6 @@
-"""Running a sweep: every grid point checked first, then trained as its own `python -m clue_jax.train` process,
-finished points skipped, the summary rewritten after each point."""
+"""Running a sweep: every grid point checked first, then trained as its own `python -m clue_jax.train` process by a
+launcher (here `Local`: subprocesses of this process; `slurm.Slurm`: SLURM jobs), finished points skipped, the summary
+rewritten after each point."""
 
 import concurrent.futures
 import dataclasses
@@ -81,9 +82,16 @@ def train_command(spec: str, point: Point, run_dir: pathlib.Path) -> list[str]:
           *(f"--config.{key}={command_line_value(value)}" for key, value in (QUIET | point.overrides).items())]
 
 
-def run_point(spec: str, point: Point, run_dir: pathlib.Path, env: dict) -> report.Result:
-  """Trains one point (resuming what its directory holds) and reports how it ended."""
+def run_point(spec: str, point: Point, workdir: pathlib.Path) -> report.Result:
+  """Trains one point in WORKDIR/<name> (resuming what that directory holds) and reports how it ended.
+
+  Runs where it is called: in the sweep's process (local launcher) or in the point's SLURM job, with that process's
+  environment plus the sweep's compile cache.
+  """
+  run_dir = (workdir / point.name).resolve()
   run_dir.mkdir(parents=True, exist_ok=True)
+  env = dict(os.environ)
+  env.setdefault("JAX_COMPILATION_CACHE_DIR", str((workdir / COMPILE_CACHE).resolve()))
   resumed = (run_dir / "checkpoints" / "latest").exists()
   command = train_command(spec, point, run_dir)
   started = time.time()
@@ -93,7 +101,7 @@ def run_point(spec: str, point: Point, run_dir: pathlib.Path, env: dict) -> repo
     error_offset = err.tell()
     returncode = subprocess.run(command, stdout=out, stderr=err, env=env).returncode
   result = report.Result(point.name, point.setting, point.overrides, action="resumed" if resumed else "trained",
-                               wall_s=time.time() - started)
+                         wall_s=time.time() - started)
   if returncode == 0 and (run_dir / "summary.json").exists():
     result.status = "done"
   else:
@@ -111,34 +119,62 @@ def last_error(stderr_log: pathlib.Path, offset: int, returncode: int) -> str:
   return lines[-1].removeprefix("error: ")
 
 
-def run_sweep(spec: str, workdir: pathlib.Path, parallel: int, log=print) -> list[report.Result]:
-  """Runs the grid of `spec` under `workdir`; returns one result per point, in grid order."""
+class Local:
+  """The default launcher: points trained as subprocesses of this process, `parallel` at a time."""
+
+  def __init__(self, parallel: int = 1):
+    self.parallel = parallel
+
+  def describe(self, count: int) -> str:
+    return f"training {count}, {self.parallel} at a time"
+
+  def run(self, spec: str, workdir: pathlib.Path, points: dict[int, Point], finished):
+    """Trains `points` (grid index -> point), calling `finished(index, result)` as each one ends."""
+    def run(i):
+      finished(i, run_point(spec, points[i], workdir))
+
+    with concurrent.futures.ThreadPoolExecutor(self.parallel) as pool:
+      for future in [pool.submit(run, i) for i in points]:
+        future.result()
+
+
+def plan(spec: str, workdir: pathlib.Path) -> tuple[list[Point], list[report.Result]]:
+  """The grid's points and their results so far: finished points done ("skipped"), the others pending."""
   points = load_grid(spec)
-  workdir.mkdir(parents=True, exist_ok=True)
-  env = dict(os.environ)
-  env.setdefault("JAX_COMPILATION_CACHE_DIR", str((workdir / COMPILE_CACHE).resolve()))
   results = [report.Result(p.name, p.setting, p.overrides) for p in points]
-  todo = []
-  for i, point in enumerate(points):
+  for point, result in zip(points, results):
     if is_finished(point, workdir / point.name):
-      results[i].status, results[i].action = "done", "skipped"
-    else:
-      todo.append(i)
-  log(f"{len(points)} points, {len(points) - len(todo)} already finished; training {len(todo)}, {parallel} at a time")
+      result.status, result.action = "done", "skipped"
+  return points, results
+
+
+def run_sweep(spec: str, workdir: pathlib.Path, launcher, log=print) -> list[report.Result]:
+  """Runs the grid of `spec` under `workdir` with `launcher` (`Local` or `slurm.Slurm`); returns one result per
+  point, in grid order. The summaries are rewritten before the first point and after each one."""
+  points, results = plan(spec, workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  todo = {i: point for i, (point, result) in enumerate(zip(points, results)) if result.status == "pending"}
+  log(f"{len(points)} points, {len(points) - len(todo)} already finished; {launcher.describe(len(todo))}")
   lock = threading.Lock()
   report.write(workdir, spec, results)
 
-  def run(i):
-    result = run_point(spec, points[i], (workdir / points[i].name).resolve(), env)
+  def finished(i: int, result: report.Result):
     with lock:
       results[i] = result
       report.write(workdir, spec, results)
-      finished = sum(r.status != "pending" for r in results)
-      log(f"[{finished}/{len(points)}] {result.name}: {result.status} ({result.action}, {result.wall_s:.0f} s)"
+      ended = sum(r.status != "pending" for r in results)
+      wall = "" if result.wall_s is None else f", {result.wall_s:.0f} s"
+      log(f"[{ended}/{len(points)}] {result.name}: {result.status} ({result.action}{wall})"
           + (f": {result.error}" if result.error else ""))
 
-  with concurrent.futures.ThreadPoolExecutor(parallel) as pool:
-    for future in [pool.submit(run, i) for i in todo]:
-      future.result()
+  if todo:
+    launcher.run(spec, workdir, todo, finished)
   return results
 
+
+def write_report(spec: str, workdir: pathlib.Path) -> list[report.Result]:
+  """The summaries of what `workdir` holds now, training nothing (unfinished points are pending)."""
+  _, results = plan(spec, workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  report.write(workdir, spec, results)
+  return results

@@ -9,8 +9,10 @@ Every error a user can fix is printed as one line, `error: ...`, with exit statu
 Multi-host: start the same command once per process (on each host, same files, a --workdir that every host sees)
 with `--coordinator_address=HOST:PORT --num_processes=N --process_id=I` (HOST:PORT of process 0), or the environment
 variables JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID; `--distributed` alone lets JAX detect them
-(Slurm, Open MPI, Cloud TPU). The processes join through `jax.distributed`, train one model over all their devices,
-and process 0 writes the outputs (see `clue_jax.train.trainer`).
+(Slurm, Open MPI, Cloud TPU). Under SLURM no flag is needed: each task of an `srun` step of several tasks
+(`srun -N 2 -n 2 python -m clue_jax.train ...`) joins the others as JAX detects them from the step's variables; a
+lone process in a batch script stays one process. The processes join through `jax.distributed`, train one model over
+all their devices, and process 0 writes the outputs (see `clue_jax.train.trainer`; docs/cluster.md).
 """
 
 import os
@@ -83,9 +85,15 @@ def distributed_settings() -> dict | None:
       settings[key] = None if value is None else int(value)
     except ValueError:
       fail(f"{env}={value!r} is not an integer; set it to {meaning}, or pass --{key}")
-  if not _DISTRIBUTED.value and settings["coordinator_address"] is None and settings["num_processes"] in (None, 1):
-    return None
-  return settings
+  if _DISTRIBUTED.value or settings["coordinator_address"] is not None or settings["num_processes"] not in (None, 1):
+    return settings
+  try:
+    tasks = parallel.slurm_step_tasks(os.environ)
+  except ValueError as e:
+    fail(f"{e}; run under srun, or pass --num_processes=1 to train alone")
+  if settings["num_processes"] is None and tasks > 1:
+    return settings  # All None but a process id at most: JAX reads the rest from the SLURM step.
+  return None
 
 
 def main(argv):
@@ -96,7 +104,10 @@ def main(argv):
     try:
       parallel.initialize(**settings)
     except (ValueError, TypeError, RuntimeError) as e:
-      fail(f"cannot join the multi-process run ({e}); check --coordinator_address, --num_processes and --process_id")
+      fail(f"cannot join the multi-process run ({e}); check --coordinator_address, --num_processes and --process_id "
+           f"(under srun: that every task of the step runs this command)")
+    if parallel.is_main_process():
+      print(f"clue_jax: joined {parallel.describe()} (jax.distributed)", flush=True)
   workdir = pathlib.Path(_WORKDIR.value)
   if _OVERWRITE.value:
     trainer.clean_workdir(workdir)

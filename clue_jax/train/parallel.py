@@ -39,6 +39,20 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
     jax.config.update("jax_enable_compilation_cache", False)
 
 
+def slurm_step_tasks(environ) -> int:
+  """The number of tasks of the SLURM `srun` step that a process with environment `environ` belongs to; 1 outside
+  a step. A batch script's own process has its allocation's SLURM_NTASKS but no step variables, so it counts 1.
+  In a step of several tasks, `initialize()` without arguments joins them (JAX reads SLURM_STEP_NODELIST,
+  SLURM_NTASKS, SLURM_PROCID and SLURM_LOCALID; the coordinator is the step's first node)."""
+  if "SLURM_STEP_NODELIST" not in environ:
+    return 1
+  value = environ.get("SLURM_STEP_NUM_TASKS", "1")
+  try:
+    return int(value)
+  except ValueError:
+    raise ValueError(f"SLURM_STEP_NUM_TASKS={value!r} is not an integer") from None
+
+
 def use_compilation_cache(directory: str):
   """Turns JAX's persistent compilation cache on in `directory` ("auto": a per-user cache directory; "": off).
 
@@ -56,6 +70,11 @@ def use_compilation_cache(directory: str):
 def is_main_process() -> bool:
   """True in the process that writes the run's files (process 0; the only one without jax.distributed)."""
   return jax.process_index() == 0
+
+
+def describe() -> str:
+  """The processes and devices this run trains on, in words."""
+  return f"{jax.process_count()} processes, {jax.device_count()} {jax.default_backend()} devices in all"
 
 
 def make_mesh(num_devices: int = 0) -> Mesh:
@@ -100,14 +119,15 @@ def process_rows(mesh: Mesh, batch_size: int) -> slice:
 def put(tree, sharding):
   """Global host arrays (the same in every process) -> global device arrays with the given sharding.
 
-  `sharding` is one sharding or a tree of them, as for `jax.device_put`. With several processes each one copies only
-  the parts its own devices hold (and JAX's cross-process equality check of `jax.device_put` is skipped).
+  `sharding` is one sharding or a tree of them that is a prefix of `tree`, as for `jax.device_put`. With several
+  processes each one copies only the parts its own devices hold (and JAX's cross-process equality check of
+  `jax.device_put` is skipped).
   """
   if jax.process_count() == 1:
     return jax.device_put(tree, sharding)
   if isinstance(sharding, Sharding):
     return jax.tree.map(lambda x: _global(x, sharding), tree)
-  return jax.tree.map(_global, tree, sharding)
+  return jax.tree.map(lambda s, subtree: jax.tree.map(lambda x: _global(x, s), subtree), sharding, tree)
 
 
 def _global(x, sharding: Sharding):
