@@ -195,6 +195,31 @@ def table(results: dict) -> str:
   return "\n".join(lines)
 
 
+def plot(results: dict, path: pathlib.Path, keys=("match GEX2ADT SNN", "foscttm", "top1", "label_transfer rna",
+                                                 "joint nmi", "joint asw_batch", "predict overall_pearson")):
+  """Bars of a few scores: mean and sd over seeds per implementation and setting, each seed's value as a dot."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  rows = list(results["seeds"].values())
+  columns = [c for c in ("clue_jax finetune", "reference finetune", "clue_jax pretrain", "reference pretrain")
+             if all(c in r["scores"] for r in rows)]
+  keys = [k for k in keys if k in rows[0]["scores"][columns[0]]]
+  fig, axes = plt.subplots(1, len(keys), figsize=(2.2 * len(keys), 3.2))
+  for ax, key in zip(np.atleast_1d(axes), keys):
+    for i, column in enumerate(columns):
+      values = np.array([r["scores"][column][key] for r in rows])
+      ax.bar(i, values.mean(), yerr=values.std(ddof=1) if len(values) > 1 else None, capsize=3,
+             color=("C0" if column.startswith("clue_jax") else "C1"), alpha=1.0 if "finetune" in column else 0.5)
+      ax.plot(np.full(len(values), i), values, "k.", markersize=4)
+    ax.set_xticks(range(len(columns)), [c.replace(" finetune", "\nfine-tuned").replace(" pretrain", "\npretrained")
+                                        for c in columns], rotation=90, fontsize=7)
+    ax.set_title(key, fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+
+
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
@@ -227,6 +252,7 @@ def main(argv):
     results_path.write_text(json.dumps(results, indent=2))
     print(json.dumps({seed: row}), flush=True)
   print(table(results))
+  plot(results, out / "results.png")
 
 
 if __name__ == "__main__":
