@@ -504,6 +504,9 @@ class MemoryReader:
     """`rows` of the matrix the PCA / LSI is fitted on (`representation_source`)."""
     return representation_source(raw, name)[rows]
 
+  def paired(self, raws: dict, pairing: sampler.Pairing):
+    """Nothing: AnnData objects given in memory are the caller's and are not changed."""
+
   def training_arrays(self, name: str, raw: RawModality, state: dict) -> tuple:
     """(decoder counts, encoder inputs or None, log-factorials or None) of every cell."""
     counts = decoder_counts(raw, name)
@@ -604,6 +607,7 @@ def load_dataset(data, seed: int, *, batch_size: int = 1, monitor: str = "val_lo
            f"{raws[name].path} in {time.perf_counter() - started:.1f} s")
   pairing = sampler.pair_cells({n: r.adata.obs_names for n, r in raws.items()}, data.pair_by)
   check_pairs(pairing, raws, data.pair_by)
+  reader.paired(raws, pairing)
   rng = sampler.split_stream(seed)
   heldout = None
   if data.heldout_pairs > 0:

@@ -30,6 +30,15 @@ def pair_cells(obs_names: dict, pair_by: str = "obs_names") -> Pairing:
   return Pairing(np.array(list(index), dtype=object), rows)
 
 
+def row_ids(pairing: Pairing, name: str) -> np.ndarray:
+  """The ID (index into `pairing.ids`) of each row of modality `name`."""
+  rows = pairing.rows[name]
+  measured = np.flatnonzero(rows >= 0)
+  ids = np.empty(len(measured), np.int64)
+  ids[rows[measured]] = measured
+  return ids
+
+
 def paired_ids(pairing: Pairing) -> np.ndarray:
   """Indices of IDs measured in at least two modalities."""
   present = np.stack([r >= 0 for r in pairing.rows.values()])

@@ -24,11 +24,12 @@ import warnings
 import anndata as ad
 import h5py
 import numpy as np
+import pandas as pd
 import scipy.sparse as sp
 from anndata.io import read_elem
 from tqdm.auto import tqdm
 
-from clue_jax.data import dataset as data_lib, preprocess, row_store
+from clue_jax.data import dataset as data_lib, preprocess, row_store, sampler
 from clue_jax.data.dataset import DataError
 from clue_jax.data import h5_rows
 from clue_jax.data.h5_rows import H5Rows, UnreadableRows
@@ -133,6 +134,17 @@ class DiskReader:
     rep_features = data_lib.representation_features(spec, features, table.var_names, rep_features)
     release_free_memory()
     return data_lib.RawModality(table, spec, str(path), None, features, rep_features, file_ref)
+
+  def paired(self, raws: dict, pairing):
+    """Rebuilds each modality's obs_names from the pairing's cell IDs where those are its names (cells paired by
+    name): the same strings, held once for all modalities instead of once per modality, and without the lookup
+    tables the checks left behind (at a million cells of two modalities, 0.13 GB of what grows with the cells)."""
+    names = {n: pd.Index(pairing.ids[sampler.row_ids(pairing, n)], dtype=object, copy=False) for n in raws}
+    if all(raws[n].adata.obs_names.equals(names[n]) for n in raws):
+      for n, raw in raws.items():
+        raw.adata.obs_names = names[n]
+    del names
+    release_free_memory()
 
   def features(self, name: str, table: ad.AnnData, spec, file_ref: StreamedFile, stats: dict, path,
                field: str) -> np.ndarray:
