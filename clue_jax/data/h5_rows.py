@@ -1,4 +1,5 @@
-"""A matrix of an AnnData file (X, a layer, or an obsm array), read a block of rows at a time with h5py.
+"""A matrix of an AnnData file (X, a layer, or an obsm array), read a block of rows at a time (CSR through anndata's
+`sparse_dataset`, dense arrays with h5py).
 
 The file is never read whole: only its row offsets (CSR) are held, and each block is read when asked for. Blocks are
 cut so that each holds about `BLOCK_VALUES` stored values. Whatever goes wrong while reading a block (a truncated or
@@ -8,6 +9,7 @@ damaged file) is reported naming the file, the matrix and the rows.
 import h5py
 import numpy as np
 import scipy.sparse as sp
+from anndata.io import sparse_dataset
 
 BLOCK_VALUES = 2**23  # Stored values (non-zeros, or entries of a dense matrix) per block: 64 MiB as CSR float32.
 
@@ -31,6 +33,7 @@ class H5Rows:
       self.indptr = self.whole.indptr.astype(np.int64)
       self.shape = self.whole.shape
     elif self.sparse:
+      self.rows = sparse_dataset(element)  # anndata's reader of its CSR encoding: reads only the rows sliced.
       self.shape = tuple(int(v) for v in element.attrs["shape"])
       self.indptr = element["indptr"][:].astype(np.int64)
     else:
@@ -70,13 +73,7 @@ class H5Rows:
       if self.whole is not None:
         block = self.whole[start:stop]
       elif self.sparse:
-        lo, hi = int(self.indptr[start]), int(self.indptr[stop])
-        data = self.element["data"][lo:hi]
-        indices = self.element["indices"][lo:hi]
-        if len(data) != hi - lo or len(indices) != hi - lo:
-          raise OSError(f"expected {hi - lo:,} stored values, read {len(data):,}")
-        block = sp.csr_matrix((data.astype(np.float32, copy=False), indices, self.indptr[start:stop + 1] - lo),
-                              shape=(stop - start, self.shape[1]))
+        block = sp.csr_matrix(self.rows[start:stop], dtype=np.float32)
       else:
         block = sp.csr_matrix(np.asarray(self.element[start:stop], np.float32))
     except Exception as e:  # h5py raises many types for damaged files.
