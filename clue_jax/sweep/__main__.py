@@ -1,4 +1,5 @@
-"""Command line: `python -m clue_jax.sweep --config=configs/ablations/cite.py --workdir=runs/X [--parallel=N]`.
+"""Command line: `python -m clue_jax.sweep --config=configs/ablations/cite.py --workdir=runs/X [--parallel=N]`
+(on a SLURM cluster: `[--launcher=slurm --slurm_partition=P --slurm_time=MIN --slurm_gpus=G ...]`).
 
 The config file defines `get_config()` and `get_sweep()` (a list of override dicts, see `clue_jax/sweep/grid.py`). Every
 point is checked before any runs, then trained as its own `python -m clue_jax.train` in WORKDIR/<run name>/ with
@@ -35,7 +36,7 @@ def define_flags():
   flags.DEFINE_integer("slurm_array_cap", 0, "slurm: at most this many points running at once (the job array's "
                        "%N); 0: no cap.", lower_bound=0)
   flags.DEFINE_multi_string("slurm_option", [], "slurm: another sbatch option for every point's job, KEY=VALUE "
-                            "or KEY (account=myproject, qos=short, mem=16G, constraint=a100); repeatable.")
+                            "or KEY (account=myproject, qos=short, mem=16G, constraint=a100)")
   flags.mark_flags_as_required(["config", "workdir"])
 
 
