@@ -210,6 +210,21 @@ def test_report_averages_seeds_per_setting_and_lists_every_point(tmp_path):
   assert not list(tmp_path.glob("*.tmp")) and not list(tmp_path.glob(".*.tmp"))
 
 
+def test_report_only_summarises_what_the_workdir_holds_and_trains_nothing(tmp_path):
+  """`--report_only` (runner.write_report): finished points with their metrics, the others pending."""
+  spec = write_grid(tmp_path, 'grid.axis("seed", [0, 1])')
+  points = runner.load_grid(str(spec))
+  workdir = tmp_path / "runs"
+  fake_run(workdir / points[0].name, 0.25, 6.0)
+  (workdir / points[0].name / "config.json").write_text(json.dumps(points[0].config.to_dict()))
+  results = runner.write_report(str(spec), workdir)
+  assert [(r.status, r.action) for r in results] == [("done", "skipped"), ("pending", "")]
+  rows = read_csv(workdir / "summary.csv")
+  assert rows[points[0].name]["heldout_foscttm"] == "0.25" and rows[points[1].name]["status"] == "pending"
+  assert "2 points: 1 done, 0 failed, 1 pending" in (workdir / "summary.md").read_text()
+  assert not (workdir / points[1].name).exists()
+
+
 # ---------------------------------------------------------------------------------------------- end to end
 def run_cli(spec: pathlib.Path, workdir: pathlib.Path) -> subprocess.CompletedProcess:
   env = dict(os.environ, JAX_NUM_CPU_DEVICES="4", JAX_PLATFORMS="cpu")
