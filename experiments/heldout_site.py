@@ -195,6 +195,24 @@ def table(results: dict) -> str:
   return "\n".join(lines)
 
 
+def differences(results: dict) -> str:
+  """Markdown: clue_jax's mean minus the reference's per score and setting, with Welch's t over the seeds."""
+  rows = list(results["seeds"].values())
+  stages = [s for s in ("finetune", "pretrain") if all(f"reference {s}" in r["scores"] for r in rows)]
+  if not stages or len(rows) < 2:
+    return ""
+  lines = ["| score | " + " | ".join(f"clue_jax - reference, {s} (Welch t)" for s in stages) + " |",
+           "|---" * (len(stages) + 1) + "|"]
+  for key in rows[0]["scores"][f"clue_jax {stages[0]}"]:
+    cells = []
+    for stage in stages:
+      a, b = (np.array([r["scores"][f"{who} {stage}"][key] for r in rows]) for who in ("clue_jax", "reference"))
+      spread = np.sqrt(a.var(ddof=1) / len(a) + b.var(ddof=1) / len(b))
+      cells.append(f"{a.mean() - b.mean():+.4f} ({(a.mean() - b.mean()) / spread:+.1f})" if spread > 0 else "-")
+    lines.append(f"| {key} | " + " | ".join(cells) + " |")
+  return "\n".join(lines)
+
+
 def plot(results: dict, path: pathlib.Path, keys=("match GEX2ADT SNN", "foscttm", "top1", "label_transfer rna",
                                                  "joint nmi", "joint asw_batch", "predict overall_pearson")):
   """Bars of a few scores: mean and sd over seeds per implementation and setting, each seed's value as a dot."""
@@ -252,6 +270,7 @@ def main(argv):
     results_path.write_text(json.dumps(results, indent=2))
     print(json.dumps({seed: row}), flush=True)
   print(table(results))
+  print(differences(results))
   plot(results, out / "results.png")
 
 
