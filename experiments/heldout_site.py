@@ -3,8 +3,8 @@
   python experiments/heldout_site.py --data=/work/shared/data/neurips2021_bmmc_cite_5k/bmmc_cite_5k.h5mu \
       --out=runs/heldout_cite --seeds=0,1,2 [--ref_python=/tmp/ref/bin/python]
 
-1. OUT/tasks/: the competition's task files of the split (experiments/heldout_tasks.py): match_modality, predict_modality
-   and joint_embedding, site 4's cells the test cells.
+1. OUT/tasks/: the competition's task files of the split (experiments/heldout_tasks.py): match_modality,
+   predict_modality and joint_embedding, site 4's cells the test cells.
 2. Per seed, OUT/seed_<seed>/: the competition recipe (`configs/competition/<technology>.py`, or --config) through
    `clue_jax.competition.recipe.run`: pretraining on the paired training cells (at most 200 epochs, early stopping),
    transductive fine-tuning on train + unpaired test cells (at most 50); with --ref_python the reference (scglue
@@ -15,11 +15,13 @@
    accuracy (both directions averaged), kNN (k = 5) label transfer from the training cells of the same modality,
    the joint-embedding metrics of the test cells (mean of the two modalities' embeddings: NMI, cell-type ASW, batch
    ASW, graph connectivity, cell-cycle conservation) and, for CITE, ADT predicted from RNA (CLR of the expected
-   counts: RMSE, Pearson). FOSCTTM, top-1, label transfer and the joint embedding use L2-normalised embeddings (the
-   models are trained with normalize_u). Training time: clue_jax's sum of its epochs' wall times (metrics.jsonl, the
+   counts, by the pretrained model averaged over its training batches, as it knows no test batch: RMSE, Pearson).
+   FOSCTTM, top-1, label transfer and the joint embedding use L2-normalised embeddings (the models are trained with
+   normalize_u). Training time: clue_jax's sum of its epochs' wall times (metrics.jsonl, the
    first epoch's compilation included), the reference's model.fit wall time.
 
-Writes OUT/results.json (every value) and prints a markdown table (mean +- sd over seeds, then the values). Flags
+Writes OUT/results.json (every value) and OUT/results.png, and prints two markdown tables: mean +- sd over seeds
+with the values, and clue_jax minus the reference with Welch's t. Flags
 --out, --seeds, --ref_python and --epsilon are experiments/competition.py's (imported with it; its --technologies is
 not used here).
 """
