@@ -236,6 +236,7 @@ def write_embeddings(encoder: Encoder, state, dataset: data_lib.Dataset, config,
 
   write_embedding(out_dir / "joint.h5ad", obs, width, counted(joint_chunks()))
   bar.close()
+  streaming.release_free_memory()
   return {n: (m.counts.shape[0], width) for n, m in dataset.modalities.items()} | {"joint": (len(multi), width)}
 
 
@@ -455,6 +456,7 @@ def train_and_evaluate(config, workdir, init_from=None, inputs=None) -> dict:
     lr = schedule.lr * schedule_lib.warmup_factor(epoch, config.train.warmup_epochs)
     state, measurements = train_epoch(state, rows, n_steps, step_key, lr, noise)
     values = per_step_values(measurements)
+    streaming.release_free_memory()  # The epoch's freed chunks, before validation and scoring allocate.
     finite = values["finite"]
     train_terms = {k: float(v.mean()) for k, v in values.items() if k != "finite"}
     if not finite.all():
