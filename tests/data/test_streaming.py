@@ -2,6 +2,7 @@
 bad rows found part-way named with their file and rows."""
 
 import anndata as ad
+import h5py
 import numpy as np
 import pytest
 import scipy.sparse as sp
@@ -118,3 +119,24 @@ def test_negative_counts_in_a_later_block_are_named_with_their_rows(tmp_path):
   damage_rows(config.data.modalities.rna.path, [450], -1.0)
   with pytest.raises(data_lib.DataError, match=r"rna.h5ad \(rows 4\d\d-\d+\).*1 negative values"):
     trainer.load_data(config, reader=streaming.DiskReader(tmp_path / "rows", block_values=BLOCK))
+
+
+def test_an_unreadable_later_block_is_named_with_its_rows(tmp_path):
+  """A file whose compressed count values are damaged part-way (the bytes of a later HDF5 chunk overwritten): one
+  line naming the file and the rows that cannot be read."""
+  config = load_config()
+  path = tmp_path / "rna.h5ad"
+  adata = ad.read_h5ad(config.data.modalities.rna.path)
+  adata.layers["counts"] = sp.csr_matrix(adata.layers["counts"])
+  adata.write_h5ad(path, compression="gzip")
+  with h5py.File(path, "r") as f:
+    data = f["layers/counts/data"]
+    last = data.id.get_num_chunks() - 1
+    offset, size = data.id.get_chunk_info(last).byte_offset, data.id.get_chunk_info(last).size
+  with open(path, "r+b") as f:
+    f.seek(offset)
+    f.write(b"\xff" * size)
+  config.data.modalities.rna.path = str(path)
+  with pytest.raises(data_lib.DataError, match=r"rna.h5ad: rows \d+-\d+ of .*counts cannot be read.*damaged") as error:
+    trainer.load_data(config, reader=streaming.DiskReader(tmp_path / "rows", block_values=BLOCK))
+  assert "\n" not in str(error.value)
