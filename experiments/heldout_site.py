@@ -1,6 +1,6 @@
 """The held-out-site benchmark on a BMMC 5k .h5mu (issue 34): sites 1-3 train, site 4 test, both settings.
 
-  python experiments/heldout_site.py --data=/work/shared/data/neurips2021_bmmc_cite_5k/bmmc_cite_5k.h5mu \
+  python experiments/heldout_site.py --data=../shared/data/neurips2021_bmmc_cite_5k/bmmc_cite_5k.h5mu \
       --out=runs/heldout_cite --seeds=0,1,2 [--ref_python=/tmp/ref/bin/python]
 
 1. OUT/tasks/: the competition's task files of the split (experiments/heldout_tasks.py): match_modality,
