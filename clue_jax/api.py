@@ -169,26 +169,38 @@ class Run:
     return rep
 
   # --------------------------------------------------------------------------------------------------- predict
-  def predict(self, adata, source: str, target: str, batch: str | None = None, normalized=False,
+  def predict(self, adata, source, target: str, batch: str | None = None, normalized=False,
               library_size=None) -> ad.AnnData:
     """The target modality's expected values for the source cells in `adata`.
 
+        run.predict(rna, "rna", "adt")                            # from one modality
+        run.predict(mdata, source=("rna", "atac"), target="adt")  # from the cells' joint embedding of two
+
     Args:
-      adata: an AnnData of the source modality, or a MuData holding it.
-      source, target: two of `self.modalities`.
+      adata: an AnnData of the source modality, or a MuData holding it (every source, for several).
+      source, target: two of `self.modalities`; `source` may be a tuple of them (not the target): the target is then
+        decoded from the cells' joint embedding, the mean over the sources of their posterior means (each
+        L2-normalised and the mean re-normalised when the model was trained with `normalize_u`, as training forms
+        it). The cells are those of the first source, each of which must be in every other source (matched by
+        obs_name; other cells there are ignored). A one-element tuple is the single-source prediction.
       batch: the target batch every cell is decoded with; None = each cell's own (obs column of the target's
         `batch_key`), which the target must know.
       normalized: False (the likelihood's scale), "clr" (Seurat's CLR of the expected counts, the competition's ADT
         scale) or "log1p" / True (log1p of the expected counts rescaled to the target's median training total, a
         log-normalised scale like the competition's GEX); NB targets only.
       library_size: NB targets: a number or one per cell; default: the source encoder's estimate when the source is
-        NB, else the target's median total counts over its training cells.
+        NB (of several sources, the first NB one), else the target's median total counts over its training cells.
 
     Returns:
       A new AnnData: obs copied from the source cells, var = the target's training features, X = the mean of the
       target decoder's distribution (NB: expected counts at the library size; Bernoulli: probabilities; ZIN / ZILN:
       zero inflation included).
     """
+    if isinstance(source, (tuple, list)):
+      sources = self._check_sources(source, target)
+      if len(sources) > 1:
+        return self._predict_joint(adata, sources, target, batch, normalized, library_size)
+      source = sources[0]
     source, target = self._check_modality(source), self._check_modality(target)
     if source == target:
       raise RunError(f"source and target are both {source!r}; predict() translates between two modalities")
@@ -208,6 +220,59 @@ class Run:
     out = ad.AnnData(X=prediction.on_scale(values, scale, total), obs=cells.obs.copy(),
                      var=pd.DataFrame(index=self.features(target)))
     out.uns["clue_prediction"] = {"source": source, "target": target, "scale": scale}
+    return out
+
+  def _check_sources(self, sources, target: str) -> tuple:
+    sources = tuple(sources)
+    if not sources:
+      raise RunError("source=(): name at least one source modality")
+    for name in sources:
+      self._check_modality(name)
+    if len(set(sources)) < len(sources):
+      raise RunError(f"source={sources!r} names a modality twice")
+    if target in sources:
+      raise RunError(f"the target {target!r} is among the sources {list(sources)}; predict() translates from other "
+                     f"modalities")
+    return sources
+
+  def _predict_joint(self, mdata, sources: tuple, target: str, batch, normalized, library_size) -> ad.AnnData:
+    """`predict` from several sources (see there)."""
+    target = self._check_modality(target)
+    if not hasattr(mdata, "mod"):
+      raise RunError(f"predicting from several sources {list(sources)} takes a MuData holding each of them, got "
+                     f"{type(mdata).__name__}")
+    scale = self._check_scale(normalized, target)
+    first = self._modality_data(mdata, sources[0])
+    if first.n_obs == 0:
+      raise RunError("no cells given")
+    cells = {sources[0]: first}
+    for name in sources[1:]:
+      other = self._modality_data(mdata, name)
+      rows = other.obs_names.get_indexer(first.obs_names)
+      if (rows < 0).any():
+        missing = list(first.obs_names[rows < 0][:3])
+        raise RunError(f"{int((rows < 0).sum())} of the {first.n_obs} cells of {sources[0]!r} are not in {name!r} "
+                       f"(e.g. {missing}); predicting from {list(sources)} needs every cell in every source: subset "
+                       f"the MuData to the cells they share")
+      cells[name] = other[rows]
+    batch_index = self._target_batches(first, target, batch)
+    nb_target = self._specs[target].likelihood == "NB"
+    nb_sources = [m for m in sources if self._specs[m].likelihood == "NB"]
+    library_source = nb_sources[0] if nb_target and library_size is None and nb_sources else None
+    if nb_target and library_size is None and library_source is None:
+      library_size = self._median_library(target)
+    library = self._library_sizes(library_size, first.n_obs, target)
+    inputs = [self._encoder_inputs(cells[m], m, with_library=m == library_source) for m in sources]
+    reps, counts = tuple(rep for rep, _ in inputs), tuple(c for _, c in inputs)
+    fn = self._compiled_fn(("predict", sources, target, library_source), lambda: prediction.make_predict_joint(
+        self.model, sources, target, library_source))
+    values = encoding.in_chunks(fn, self.state, self._mesh, np.arange(first.n_obs), lambda rows: (
+        tuple(None if r is None else r[rows] for r in reps), tuple(c[rows].toarray() for c in counts),
+        batch_index[rows], library[rows]))
+    total = self._median_library(target) if scale == "log1p" else None
+    out = ad.AnnData(X=prediction.on_scale(values, scale, total), obs=first.obs.copy(),
+                     var=pd.DataFrame(index=self.features(target)))
+    out.uns["clue_prediction"] = {"source": list(sources), "target": target, "scale": scale}
     return out
 
   def _check_scale(self, normalized, target: str) -> str:

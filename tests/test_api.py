@@ -13,11 +13,14 @@ import numpy as np
 import pytest
 from scipy import stats
 
+import clue_jax
 from clue_jax import api
 from clue_jax.data import dataset as data_lib, preprocess
 from clue_jax.evaluate import metrics, prediction
 from clue_jax.evaluate.neighbor_graph import neighbor_graph
+from clue_jax.model.network import CLUE
 from clue_jax.train import trainer
+from run_helpers import load_config
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 STARTER = ROOT / "clue_jax" / "datasets" / "bmmc_cite_starter"
@@ -183,6 +186,82 @@ def test_predict_argument_errors(run, cells):
     run.predict(rna, "rna", "adt", normalized="z")
   with pytest.raises(api.RunError, match="both 'rna'"):
     run.predict(rna, "rna", "rna")
+
+
+# ----------------------------------------------------------------------------------- prediction from several sources
+@pytest.fixture(scope="module")
+def trimodal(cells, tmp_path_factory):
+  """(run, MuData): configs/smoke.py for 2 epochs on three modalities, the starter's RNA split in two (genes 0-499
+  `rna`, 500-999 `gex`) and its ADT."""
+  rna = cells["rna"]
+  mdata = mudata.MuData({"rna": rna[:, :500].copy(), "gex": rna[:, 500:].copy(), "adt": cells["adt"].copy()})
+  run = clue_jax.fit(mdata, load_config(max_epochs=2), tmp_path_factory.mktemp("trimodal"),
+                     gex={"batch_key": "batch", "n_features": 200, "rep_dim": 16},
+                     **{"data.modality_order": "rna,adt,gex"})
+  return run, mdata
+
+
+def test_predict_from_a_one_source_tuple_is_the_single_source_prediction(run, cells):
+  rna = cells["rna"][:100]
+  single = run.predict(rna, "rna", "adt", normalized="clr")
+  np.testing.assert_array_equal(run.predict(rna, ("rna",), "adt", normalized="clr").X, single.X)
+  np.testing.assert_array_equal(run.predict(rna, ["rna"], "adt", library_size=50.0).X,
+                                run.predict(rna, "rna", "adt", library_size=50.0).X)
+
+
+def test_predict_from_two_sources_decodes_their_normalised_mean_embedding(trimodal):
+  run, mdata = trimodal
+  assert run.model.normalize_u
+  predicted = run.predict(mdata, ("rna", "gex"), "adt", library_size=100.0)
+  assert predicted.uns["clue_prediction"]["source"] == ["rna", "gex"]
+  assert list(predicted.obs_names) == list(mdata.mod["rna"].obs_names)
+  unit = lambda a: a / np.linalg.norm(a, axis=-1, keepdims=True)
+  joint = unit((unit(run.encode(mdata, "rna").obsm["X_clue"]) + unit(run.encode(mdata, "gex").obsm["X_clue"])) / 2)
+  codes = mdata.mod["rna"].obs["batch"].cat.codes.to_numpy()
+  assert list(mdata.mod["rna"].obs["batch"].cat.categories) == list(run.batch_categories("adt"))
+  variables = {"params": run.state.params, "batch_stats": run.state.batch_stats}
+  decoded = run.model.apply(variables, "adt", run.model.subspace(joint, "adt"), codes, np.full(len(codes), 100.0),
+                            False, method=CLUE.decode)["mean"]
+  np.testing.assert_allclose(predicted.X, decoded, rtol=1e-4, atol=1e-5)
+  for one in ("rna", "gex"):  # The joint prediction is neither source's alone.
+    assert np.abs(run.predict(mdata, one, "adt", library_size=100.0).X - predicted.X).max() > 1e-3
+
+
+def test_predict_from_two_sources_takes_the_library_size_of_the_first(trimodal):
+  run, mdata = trimodal
+  for first, second in (("rna", "gex"), ("gex", "rna")):
+    joint = run.predict(mdata, (first, second), "adt").X
+    np.testing.assert_allclose(joint.sum(axis=1), run.predict(mdata, first, "adt").X.sum(axis=1), rtol=1e-4)
+  fixed = run.predict(mdata, ("gex", "rna"), "adt", library_size=1.0).X
+  np.testing.assert_allclose(fixed, run.predict(mdata, ("rna", "gex"), "adt", library_size=1.0).X, atol=1e-6)
+
+
+def test_predict_from_two_sources_matches_the_cells_by_name(trimodal):
+  run, mdata = trimodal
+  rna, gex = mdata.mod["rna"], mdata.mod["gex"]
+  order = np.random.default_rng(0).permutation(gex.n_obs)
+  shuffled = mudata.MuData({"rna": rna[:200].copy(), "gex": gex[order].copy()})
+  np.testing.assert_allclose(run.predict(shuffled, ("rna", "gex"), "adt", library_size=10.0).X,
+                             run.predict(mdata, ("rna", "gex"), "adt", library_size=10.0).X[:200], rtol=1e-5)
+
+
+def test_predict_from_several_sources_errors(trimodal):
+  run, mdata = trimodal
+  with pytest.raises(api.RunError, match=r"takes a MuData holding each of them, got AnnData"):
+    run.predict(mdata.mod["rna"], ("rna", "gex"), "adt")
+  with pytest.raises(api.RunError, match=r"the MuData has no modality 'gex' \(it has \['rna', 'adt'\]\)"):
+    run.predict(mudata.MuData({"rna": mdata.mod["rna"], "adt": mdata.mod["adt"]}), ("rna", "gex"), "adt")
+  partial = mudata.MuData({"rna": mdata.mod["rna"].copy(), "gex": mdata.mod["gex"][10:].copy()})
+  with pytest.raises(api.RunError, match=r"10 of the 600 cells of 'rna' are not in 'gex'.*subset the MuData"):
+    run.predict(partial, ("rna", "gex"), "adt")
+  with pytest.raises(api.RunError, match=r"the target 'adt' is among the sources"):
+    run.predict(mdata, ("rna", "adt"), "adt")
+  with pytest.raises(api.RunError, match=r"names a modality twice"):
+    run.predict(mdata, ("rna", "rna"), "adt")
+  with pytest.raises(api.RunError, match=r"source=\(\)"):
+    run.predict(mdata, (), "adt")
+  with pytest.raises(api.RunError, match=r"unknown modality 'atac'"):
+    run.predict(mdata, ("rna", "atac"), "adt")
 
 
 @pytest.mark.parametrize("method", ["snn", "sinkhorn"])

@@ -4,7 +4,7 @@ The source cells' posterior means (L2-normalised when the model was trained with
 target's subspace and decoded by the target's decoder (evaluation mode) with the given target batch; the prediction
 is the mean of the decoder's distribution. Unlike the reference, the means of ZIN and ZILN include the zero
 inflation, and NB targets take a library size: the source encoder's estimate for the target (an NB source), or one
-given per cell.
+given per cell. Several sources (`make_predict_joint`) decode their joint embedding, formed as training forms it.
 """
 
 import jax
@@ -49,11 +49,42 @@ def make_predict(model: CLUE, source: str, target: str, library_from_source: boo
     u = losses.l2_normalize(loc) if model.normalize_u else loc
     if library_from_source:
       library = source_library[:, target_index]
-    params = model.apply(variables, target, model.subspace(u, target), batch_index,
-                         library if likelihood == "NB" else None, False, method=CLUE.decode)
-    return distribution_mean(likelihood, params)
+    return _decode_mean(model, variables, target, likelihood, u, batch_index, library)
 
   return predict
+
+
+def make_predict_joint(model: CLUE, sources: tuple, target: str, library_source: str | None):
+  """`predict(state, reps, counts, batch_index, library) -> (B, target features)` means from several sources.
+
+  `reps` / `counts`: one encoder input per source, in `sources` order. The cells' joint embedding is the mean over the
+  sources of their posterior means, each L2-normalised and the mean re-normalised when `model.normalize_u` (as the
+  joint-cross loss forms it from samples, docs/method.md §2); `library_source`: the NB source whose library head
+  gives the target's library size (None: `library` is used).
+  """
+  likelihood = next(s.likelihood for s in model.specs if s.name == target)
+  target_index = model.names.index(target)
+
+  def predict(state, reps, counts, batch_index, library):
+    variables = {"params": state.params, "batch_stats": state.batch_stats}
+    total = 0.0
+    for name, rep, x in zip(sources, reps, counts):
+      loc, _, source_library = model.apply(variables, name, rep, x, False, name == library_source,
+                                           method=CLUE.encode)
+      total = total + (losses.l2_normalize(loc) if model.normalize_u else loc)
+      if name == library_source:
+        library = source_library[:, target_index]
+    u = total / len(sources)
+    u = losses.l2_normalize(u) if model.normalize_u else u
+    return _decode_mean(model, variables, target, likelihood, u, batch_index, library)
+
+  return predict
+
+
+def _decode_mean(model: CLUE, variables, target: str, likelihood: str, u, batch_index, library):
+  params = model.apply(variables, target, model.subspace(u, target), batch_index,
+                       library if likelihood == "NB" else None, False, method=CLUE.decode)
+  return distribution_mean(likelihood, params)
 
 
 def on_scale(counts: np.ndarray, scale: str, total: float | None = None) -> np.ndarray:
