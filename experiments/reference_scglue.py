@@ -20,6 +20,10 @@ Usage:
   /tmp/ref/bin/python experiments/reference_scglue.py --mod rna=RNA.h5ad --mod adt=ADT.h5ad \
       --heldout PAIRS.tsv --preset competition_cite [--max-epochs N] [--seed S] [--threads 2] --out RESULT.json
 
+  # any number of modalities (cells missing from a modality's file are unpaired there), cells encoded afterwards
+  /tmp/ref/bin/python experiments/reference_scglue.py --mod rna=R.h5ad --mod adt=A.h5ad --mod atac=T.h5ad \
+      --encode rna=HELDOUT_R.h5ad ... --embeddings EMB.npz --preset competition_cite --out RESULT.json
+
   # throughput only, on an in-script, fully paired synthetic data set
   /tmp/ref/bin/python experiments/reference_scglue.py --synthetic 3000 --preset defaults --max-epochs 10 \
       --out /tmp/ref_synth.json
@@ -58,6 +62,9 @@ Measurements written to --out (JSON):
   fit_cpu_seconds   CPU time (user + system) of the process during fit; fit_cpu_seconds / fit_seconds well below
                     --threads while other processes run means the wall time is inflated by contention.
   cells_per_second  epochs_run x n_ids_train / fit_seconds (the figure benchmark.md section B quotes).
+  --embeddings      .npz (with --encode NAME=PATH, files prepared as --mod's): NAME = encode_data's posterior means
+                    (all subspaces, not L2-normalised) of every cell of the --encode file of NAME, in file order,
+                    NAME_obs_names its obs_names; train_NAME / train_NAME_obs_names the same for the --mod file.
   peak_rss_gb       resource.getrusage(RUSAGE_SELF).ru_maxrss of the whole process (data loading included).
   foscttm, top1     on the held-out pairs, from posterior means (encode_data): with d the euclidean distance matrix
                     between x (first-column cells) and y (their partners), FOSCTTM = mean of
@@ -130,8 +137,13 @@ def parse_args(argv=None):
   parser.add_argument("--threads", type=int, default=2, help="torch / BLAS threads (default 2)")
   parser.add_argument("--trace", action="store_true",
                       help="with --heldout: the held-out FOSCTTM after every epoch, with its wall-clock time")
+  parser.add_argument("--encode", action="append", default=[], metavar="NAME=PATH",
+                      help="cells of modality NAME to encode after training (prepared as --mod); with --embeddings")
+  parser.add_argument("--embeddings", metavar="EMB.npz", help="posterior means of the --encode and --mod cells")
   parser.add_argument("--out", required=True, metavar="RESULT.json")
   args = parser.parse_args(argv)
+  if bool(args.encode) != bool(args.embeddings) or (args.encode and not args.mod):
+    parser.error("--encode and --embeddings go together, with --mod")
   if bool(args.mod) == (args.synthetic is not None):
     parser.error("give either --mod (at least two) or --synthetic")
   if args.mod and len(args.mod) < 2:
@@ -325,6 +337,16 @@ def main(argv=None):
   if args.heldout:
     foscttm, top1 = held_out_scores()  # The final model: fit() restores its best checkpoint.
     n_heldout = int(len(heldout[0]))
+
+  if args.embeddings:
+    encoded = {}
+    for name, adata in load_modalities(args.encode).items():
+      if name not in adatas:
+        raise SystemExit(f"--encode {name}: not a --mod modality ({names})")
+      for prefix, cells in (("", adata), ("train_", adatas[name])):
+        encoded[f"{prefix}{name}"] = model.encode_data(name, cells).astype(np.float32)
+        encoded[f"{prefix}{name}_obs_names"] = np.asarray(cells.obs_names, str)
+    np.savez(args.embeddings, **encoded)
 
   result = {
       "preset": args.preset,
