@@ -1,7 +1,7 @@
 """The held-out-site benchmark on a BMMC 5k .h5mu (issue 34): sites 1-3 train, site 4 test, both settings.
 
   python experiments/heldout_site.py --data=../shared/data/neurips2021_bmmc_cite_5k/bmmc_cite_5k.h5mu \
-      --out=runs/heldout_cite --seeds=0,1,2 [--ref_python=/tmp/ref/bin/python]
+      --out=runs/heldout_cite --seeds=0,1,2 [--ref_python=/tmp/ref/bin/python] [--override=loss.lam_kl=0.1 ...]
 
 1. OUT/tasks/: the competition's task files of the split (experiments/heldout_tasks.py): match_modality,
    predict_modality and joint_embedding, site 4's cells the test cells.
@@ -17,13 +17,15 @@
    ASW, graph connectivity, cell-cycle conservation) and, for CITE, ADT predicted from RNA (CLR of the expected
    counts, by the pretrained model averaged over its training batches, as it knows no test batch: RMSE, Pearson).
    FOSCTTM, top-1, label transfer and the joint embedding use L2-normalised embeddings (the models are trained with
-   normalize_u). Training time: clue_jax's sum of its epochs' wall times (metrics.jsonl, the
+   normalize_u). The same scores (prediction aside) of each run's two checkpoints as one (`both_checkpoints`: the
+   fine-tuned and the pretrained model matched by their mean cosine similarity, as `api.Ensemble` joins runs; no
+   training beyond the run's). Training time: clue_jax's sum of its epochs' wall times (metrics.jsonl, the
    first epoch's compilation included), the reference's model.fit wall time.
 
 Writes OUT/results.json (every value) and OUT/results.png, and prints two markdown tables: mean +- sd over seeds
-with the values, and clue_jax minus the reference with Welch's t. Flags
---out, --seeds, --ref_python and --epsilon are experiments/competition.py's (imported with it; its --technologies is
-not used here).
+with the values, and clue_jax minus the reference with Welch's t. Flags --out, --seeds, --ref_python, --epsilon and
+--sinkhorn_iterations are experiments/competition.py's (imported with it; its --technologies is not used here).
+Finished runs are reused, so the same OUT scored again (another --epsilon) trains nothing.
 """
 
 import json
@@ -51,6 +53,8 @@ _DATA = flags.DEFINE_string("data", None, "Paired .h5mu (mods rna + adt or rna +
 _CONFIG = flags.DEFINE_string("config", None, "Competition config file; default configs/competition/<technology>.py.")
 _TEST_SITE = flags.DEFINE_string("test_site", "site4", "obs Site value of the test cells.")
 _SPLIT_SEED = flags.DEFINE_integer("split_seed", 0, "Seed of the mod2 row shuffles of the task files.")
+_OVERRIDE = flags.DEFINE_multi_string("override", [], "KEY=VALUE override of the training config of both stages "
+                                      "(VALUE read as JSON, else as a string), e.g. loss.lam_kl=0.1; repeatable.")
 
 LABEL_K = 5
 JOINT_METRICS = ("nmi", "asw_label", "asw_batch", "graph_conn", "cc_cons")
@@ -91,6 +95,13 @@ def stage_embeddings(workdir: pathlib.Path, names, method: str, stage: str) -> d
     return {n: saved[f"{'pretrain_' if stage == 'pretrain' else ''}{n}"] for n in names}
   fitted = api.load(workdir / stage)
   return {n: fitted.encode(ad.read_h5ad(workdir / "data" / f"finetune_{n}.h5ad"), n).obsm["X_clue"] for n in names}
+
+
+def both_checkpoints(embeddings: dict, names) -> dict:
+  """One run's fine-tuned and pretrained checkpoints as one embedding, as `api.Ensemble` joins runs: both L2-normalised
+  side by side over sqrt(2), so that cosine similarities are the mean of the two (no training beyond the run's)."""
+  return {n: np.hstack([matching.l2_rows(embeddings[s][n]) for s in ("finetune", "pretrain")]) / np.sqrt(2)
+          for n in names}
 
 
 def clue_predicted_counts(workdir: pathlib.Path, names, rows, stage: str) -> np.ndarray:
@@ -144,10 +155,12 @@ def run_seed(config, comp, workdir: pathlib.Path, prefixes: dict) -> dict:
   row["seconds"]["clue_jax"] = {s: clue_seconds(workdir / s) for s in summaries}
   cells = TestCells(workdir, names, prefixes)
   rows = cells.test[names[0]][0]
+  embeddings = {}
   for stage in ("pretrain", "finetune"):
     counts = clue_predicted_counts(workdir, names, rows, stage) if predicting else None
-    row["scores"][f"clue_jax {stage}"] = scores(stage_embeddings(workdir, names, "clue_jax", stage), cells, comp,
-                                                counts)
+    embeddings[stage] = stage_embeddings(workdir, names, "clue_jax", stage)
+    row["scores"][f"clue_jax {stage}"] = scores(embeddings[stage], cells, comp, counts)
+  row["scores"]["clue_jax checkpoints"] = scores(both_checkpoints(embeddings, names), cells, comp)
   if comp_exp._REF_PYTHON.value:
     start = time.perf_counter()
     extra = ["--predict", f"{names[0]}={names[1]}"] if predicting else []
@@ -162,8 +175,9 @@ def run_seed(config, comp, workdir: pathlib.Path, prefixes: dict) -> dict:
     for stage in ("pretrain", "finetune"):
       key = f"{'pretrain_' if stage == 'pretrain' else ''}predict_{names[0]}_{names[1]}"
       counts = saved[key][rows] if predicting else None
-      row["scores"][f"reference {stage}"] = scores(stage_embeddings(workdir, names, "reference", stage), cells, comp,
-                                                   counts)
+      embeddings[stage] = stage_embeddings(workdir, names, "reference", stage)
+      row["scores"][f"reference {stage}"] = scores(embeddings[stage], cells, comp, counts)
+    row["scores"]["reference checkpoints"] = scores(both_checkpoints(embeddings, names), cells, comp)
   return row
 
 
@@ -172,9 +186,10 @@ def table(results: dict) -> str:
   """Markdown: one row per score, one column per implementation and setting: mean +- sd (values by seed)."""
   seeds = list(results["seeds"])
   rows = [results["seeds"][s] for s in seeds]
-  columns = [c for c in ("clue_jax finetune", "reference finetune", "clue_jax pretrain", "reference pretrain")
-             if all(c in r["scores"] for r in rows)]
-  titles = {"finetune": "competition (fine-tuned)", "pretrain": "inductive (pretrained)"}
+  columns = [c for c in ("clue_jax finetune", "reference finetune", "clue_jax pretrain", "reference pretrain",
+                         "clue_jax checkpoints", "reference checkpoints") if all(c in r["scores"] for r in rows)]
+  titles = {"finetune": "competition (fine-tuned)", "pretrain": "inductive (pretrained)",
+            "checkpoints": "both checkpoints"}
   head = [f"{c.split()[0]}, {titles[c.split()[1]]}" for c in columns]
   lines = [f"| score (seeds {', '.join(seeds)}) | " + " | ".join(head) + " |", "|---" * (len(columns) + 1) + "|"]
 
@@ -186,7 +201,7 @@ def table(results: dict) -> str:
     return f"{np.mean(values):.4f}{spread} ({', '.join(f'{v:.4f}' for v in values)})"
 
   for key in rows[0]["scores"][columns[0]]:
-    lines.append(f"| {key} | " + " | ".join(cell([r["scores"][c][key] for r in rows]) for c in columns) + " |")
+    lines.append(f"| {key} | " + " | ".join(cell([r["scores"][c].get(key) for r in rows]) for c in columns) + " |")
   for who in ("clue_jax", "reference"):
     if all(who in r["seconds"] for r in rows):
       for stage in ("pretrain", "finetune"):
@@ -240,6 +255,20 @@ def plot(results: dict, path: pathlib.Path, keys=("match GEX2ADT SNN", "foscttm"
   fig.savefig(path, dpi=120)
 
 
+def overrides(items) -> dict:
+  """{"loss.lam_kl": 0.1} from ["loss.lam_kl=0.1"]: each VALUE read as JSON, else kept as a string."""
+  out = {}
+  for item in items:
+    key, sep, value = item.partition("=")
+    if not sep:
+      raise app.UsageError(f"--override={item!r}: expected KEY=VALUE, e.g. loss.lam_kl=0.1")
+    try:
+      out[key] = json.loads(value)
+    except json.JSONDecodeError:
+      out[key] = value
+  return out
+
+
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
@@ -262,11 +291,13 @@ def main(argv):
   results_path = out / "results.json"
   results = json.loads(results_path.read_text()) if results_path.is_file() else {}
   results.update({"data": _DATA.value, "technology": technology, "test_site": _TEST_SITE.value,
-                  "split_seed": _SPLIT_SEED.value, "competition": comp.to_dict()})
+                  "split_seed": _SPLIT_SEED.value, "competition": comp.to_dict(),
+                  "overrides": overrides(_OVERRIDE.value),
+                  "sinkhorn": {"epsilon": comp_exp._EPSILON.value, "n_iter": comp_exp._SINKHORN_ITERATIONS.value}})
   results.setdefault("seeds", {})
   for seed in seeds:
     config = config_lib.apply_overrides(module.get_config(), {"seed": seed, "train.progress": False,
-                                                              "evals.plots": False})
+                                                              "evals.plots": False, **overrides(_OVERRIDE.value)})
     row = run_seed(config, comp, out / f"seed_{seed}", prefixes)
     results["seeds"][str(seed)] = row
     results_path.write_text(json.dumps(results, indent=2))
