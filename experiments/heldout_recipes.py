@@ -16,8 +16,8 @@ import pathlib
 import numpy as np
 from absl import app, flags
 
-_RUNS = flags.DEFINE_list("runs", None, "NAME=DIR of heldout_site.py outputs (each holds results.json).")
-_REFERENCE = flags.DEFINE_string("reference", None, "The heldout_site.py output whose reference scores to compare to.")
+_RUNS = flags.DEFINE_list("runs", None, "NAME=PATH: heldout_site.py's results.json, or the --out directory holding it.")
+_REFERENCE = flags.DEFINE_string("reference", None, "The results.json (or its directory) of the reference's scores.")
 _SEEDS = flags.DEFINE_list("seeds", [], "Seeds to use (default: those every run and the reference hold).")
 
 HIGHER_IS_BETTER = {"foscttm": False, "train s": False}
@@ -58,11 +58,15 @@ def cell(values, reference=None, digits=4) -> str:
   return text
 
 
+def read(path: str) -> dict:
+  path = pathlib.Path(path)
+  return json.loads((path / "results.json" if path.is_dir() else path).read_text())
+
+
 def main(argv):
   del argv
-  runs = dict(item.split("=", 1) for item in _RUNS.value)
-  results = {name: json.loads((pathlib.Path(d) / "results.json").read_text()) for name, d in runs.items()}
-  reference = json.loads((pathlib.Path(_REFERENCE.value) / "results.json").read_text())
+  results = {name: read(path) for name, path in (item.split("=", 1) for item in _RUNS.value)}
+  reference = read(_REFERENCE.value)
   held = [set(r["seeds"]) for r in results.values()] + [set(reference["seeds"])]
   seeds = _SEEDS.value or sorted(set.intersection(*held), key=int)
   for stage, title in (("finetune", "competition setting (fine-tuned)"), ("pretrain", "inductive (pretrained)"),

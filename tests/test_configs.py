@@ -1,11 +1,12 @@
 """Every config file in configs/ loads, validates and points at data that exists (with its default argument); a config
 of data kept outside the repository takes its file as its argument and is validated with one."""
 
+import inspect
 import pathlib
 
 import pytest
 
-from clue_jax import config as config_lib
+from clue_jax import api, config as config_lib
 
 CONFIGS = pathlib.Path(__file__).resolve().parent.parent / "configs"
 FILES = sorted(p for p in CONFIGS.rglob("*.py") if "def get_config" in p.read_text())
@@ -44,3 +45,11 @@ def test_the_competition_plus_configs_train_faithfully_and_match_with_the_recipe
   assert plus.get_competition().to_dict() == expected.to_dict()
   assert (expected.ensemble.seeds, expected.ensemble.pretrained, expected.match.method) == (3, True, "sinkhorn")
   assert (faithful.get_competition().ensemble.seeds, faithful.get_competition().match.method) == (1, "snn")
+
+
+def test_a_plus_config_with_its_own_matching_names_keywords_that_run_match_takes():
+  recipe = config_lib.load_module(CONFIGS / "plus" / "recipe.py")
+  taken = set(inspect.signature(api.Run.match).parameters)
+  for dataset, options in recipe.MATCHING.items():
+    assert config_lib.load_module(CONFIGS / "plus" / f"{dataset}.py").MATCH == options
+    assert set(options) <= taken and options["method"] in ("snn", "sinkhorn"), dataset
