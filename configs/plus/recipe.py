@@ -43,8 +43,8 @@ RECIPES = {
     "bmmc_cite_5k": (),
 }
 # How a recipe's runs match cells (`clue_jax.api.Run.match` keywords), where it differs from SNN k = 1: on BMMC CITE
-# 5k with site 4 held out, Sinkhorn at epsilon 0.001 (converged in 3,000 iterations) against 0.005-0.02 and SNN
-# (experiments/results/realdata.md).
+# 5k with site 4 held out, Sinkhorn at epsilon 0.001 (converged in 3,000 iterations) scored above 0.0005-0.01 and
+# SNN (experiments/results/realdata.md).
 MATCHING = {
     "bmmc_cite_5k": {"method": "sinkhorn", "epsilon": 0.001, "n_iter": 3000},
 }
