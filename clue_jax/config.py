@@ -302,6 +302,21 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: dict) -> ml_co
   return config
 
 
+def parse_overrides(items) -> dict:
+  """{"loss.lam_kl": 0.1} from ["loss.lam_kl=0.1"] (an experiment's repeatable --override flag): each VALUE read as
+  JSON, else kept as a string; `apply_overrides` checks keys and types."""
+  out = {}
+  for item in items:
+    key, sep, value = item.partition("=")
+    if not sep or not key:
+      raise ConfigError(f"--override={item!r}: expected KEY=VALUE, e.g. loss.lam_kl=0.1")
+    try:
+      out[key] = json.loads(value)
+    except json.JSONDecodeError:
+      out[key] = value
+  return out
+
+
 def comparable(config_dict: dict) -> dict:
   """The config without the keys that may change between a run and its resumption."""
   out = json.loads(json.dumps(config_dict))

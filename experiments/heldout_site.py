@@ -255,20 +255,6 @@ def plot(results: dict, path: pathlib.Path, keys=("match GEX2ADT SNN", "foscttm"
   fig.savefig(path, dpi=120)
 
 
-def overrides(items) -> dict:
-  """{"loss.lam_kl": 0.1} from ["loss.lam_kl=0.1"]: each VALUE read as JSON, else kept as a string."""
-  out = {}
-  for item in items:
-    key, sep, value = item.partition("=")
-    if not sep:
-      raise app.UsageError(f"--override={item!r}: expected KEY=VALUE, e.g. loss.lam_kl=0.1")
-    try:
-      out[key] = json.loads(value)
-    except json.JSONDecodeError:
-      out[key] = value
-  return out
-
-
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
@@ -288,16 +274,17 @@ def main(argv):
       "match_modality": prefixes["match_modality"], "joint_embedding": prefixes["joint_embedding"],
       "predict_modality": prefixes["predict_modality"] if technology == "cite" else ""})
   seeds = [int(s) for s in comp_exp._SEEDS.value] or [module.get_config().seed]
+  overrides = config_lib.parse_overrides(_OVERRIDE.value)
   results_path = out / "results.json"
   results = json.loads(results_path.read_text()) if results_path.is_file() else {}
   results.update({"data": _DATA.value, "technology": technology, "test_site": _TEST_SITE.value,
                   "split_seed": _SPLIT_SEED.value, "competition": comp.to_dict(),
-                  "overrides": overrides(_OVERRIDE.value),
+                  "overrides": overrides,
                   "sinkhorn": {"epsilon": comp_exp._EPSILON.value, "n_iter": comp_exp._SINKHORN_ITERATIONS.value}})
   results.setdefault("seeds", {})
   for seed in seeds:
     config = config_lib.apply_overrides(module.get_config(), {"seed": seed, "train.progress": False,
-                                                              "evals.plots": False, **overrides(_OVERRIDE.value)})
+                                                              "evals.plots": False, **overrides})
     row = run_seed(config, comp, out / f"seed_{seed}", prefixes)
     results["seeds"][str(seed)] = row
     results_path.write_text(json.dumps(results, indent=2))

@@ -53,3 +53,16 @@ def test_a_plus_config_with_its_own_matching_names_keywords_that_run_match_takes
   for dataset, options in recipe.MATCHING.items():
     assert config_lib.load_module(CONFIGS / "plus" / f"{dataset}.py").MATCH == options
     assert set(options) <= taken and options["method"] in ("snn", "sinkhorn"), dataset
+
+
+def test_override_strings_parse_to_typed_values_that_apply_overrides_checks():
+  parsed = config_lib.parse_overrides(["loss.lam_kl=0.1", "train.monitor=unseen_foscttm", "train.progress=false",
+                                       "data.modality_order=rna,adt"])
+  assert parsed == {"loss.lam_kl": 0.1, "train.monitor": "unseen_foscttm", "train.progress": False,
+                    "data.modality_order": "rna,adt"}
+  config = config_lib.apply_overrides(config_lib.get_config(), parsed)
+  assert (config.loss.lam_kl, config.train.monitor, config.train.progress) == (0.1, "unseen_foscttm", False)
+  with pytest.raises(config_lib.ConfigError, match="expected KEY=VALUE"):
+    config_lib.parse_overrides(["loss.lam_kl"])
+  with pytest.raises(config_lib.ConfigError, match="has type str; expected float"):
+    config_lib.apply_overrides(config_lib.get_config(), config_lib.parse_overrides(["loss.lam_kl=high"]))
