@@ -223,20 +223,6 @@ def table(results: dict) -> str:
   return "\n".join(lines)
 
 
-def overrides(items) -> dict:
-  """{"train.auto_epoch_cap": 200} from ["train.auto_epoch_cap=200"]: each VALUE read as JSON, else a string."""
-  out = {}
-  for item in items:
-    key, sep, value = item.partition("=")
-    if not sep:
-      raise app.UsageError(f"--override={item!r}: expected KEY=VALUE, e.g. train.auto_epoch_cap=200")
-    try:
-      out[key] = json.loads(value)
-    except json.JSONDecodeError:
-      out[key] = value
-  return out
-
-
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
@@ -248,7 +234,8 @@ def main(argv):
   mdata = md.read_h5mu(_DATA.value)
   results_path = out / "results.json"
   results = json.loads(results_path.read_text()) if results_path.is_file() else {}
-  results.update({"data": _DATA.value, "heldout_fraction": _HELDOUT.value, "overrides": overrides(_OVERRIDE.value),
+  results.update({"data": _DATA.value, "heldout_fraction": _HELDOUT.value,
+                  "overrides": config_lib.parse_overrides(_OVERRIDE.value),
                   "command": " ".join(["python", "experiments/teaseq.py"] + sys.argv[1:])})
   results.setdefault("seeds", {})
   for seed in (int(s) for s in _SEEDS.value):
@@ -260,7 +247,7 @@ def main(argv):
     cells = json.loads(split_path.read_text())
     heldout = md.MuData({m: mdata.mod[m][cells["heldout"]].copy() for m in NAMES})
     for setting in _SETTINGS.value:
-      workdir = train_run(directory / setting, mdata, cells, setting, seed, overrides(_OVERRIDE.value))
+      workdir = train_run(directory / setting, mdata, cells, setting, seed, config_lib.parse_overrides(_OVERRIDE.value))
       train = md.read_h5mu(directory / setting / "train.h5mu")
       row = {"n_train": {m: train.mod[m].n_obs for m in NAMES}, "n_heldout": len(cells["heldout"]),
              "training": training_record(workdir), "scores": clue_scores(workdir, train, heldout)}
