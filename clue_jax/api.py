@@ -196,65 +196,11 @@ class Run:
       target decoder's distribution (NB: expected counts at the library size; Bernoulli: probabilities; ZIN / ZILN:
       zero inflation included).
     """
-    if isinstance(source, (tuple, list)):
-      sources = self._check_sources(source, target)
-      if len(sources) > 1:
-        return self._predict_joint(adata, sources, target, batch, normalized, library_size)
-      source = sources[0]
-    source, target = self._check_modality(source), self._check_modality(target)
-    if source == target:
-      raise RunError(f"source and target are both {source!r}; predict() translates between two modalities")
-    scale = self._check_scale(normalized, target)
-    cells = self._modality_data(adata, source)
-    batch_index = self._target_batches(cells, target, batch)
-    nb_target = self._specs[target].likelihood == "NB"
-    from_source = nb_target and library_size is None and self._specs[source].likelihood == "NB"
-    if nb_target and library_size is None and not from_source:
-      library_size = self._median_library(target)
-    library = self._library_sizes(library_size, cells.n_obs, target)
-    rep, counts = self._encoder_inputs(cells, source, with_library=from_source)
-    fn = self._compiled_fn(("predict", source, target, from_source), lambda: prediction.make_predict(
-        self.model, source, target, from_source))
-    values = self._in_chunks(fn, rep, counts, batch_index, library)
-    total = self._median_library(target) if scale == "log1p" else None
-    out = ad.AnnData(X=prediction.on_scale(values, scale, total), obs=cells.obs.copy(),
-                     var=pd.DataFrame(index=self.features(target)))
-    out.uns["clue_prediction"] = {"source": source, "target": target, "scale": scale}
-    return out
-
-  def _check_sources(self, sources, target: str) -> tuple:
-    sources = tuple(sources)
-    if not sources:
-      raise RunError("source=(): name at least one source modality")
-    for name in sources:
-      self._check_modality(name)
-    if len(set(sources)) < len(sources):
-      raise RunError(f"source={sources!r} names a modality twice")
-    if target in sources:
-      raise RunError(f"the target {target!r} is among the sources {list(sources)}; predict() translates from other "
-                     f"modalities")
-    return sources
-
-  def _predict_joint(self, mdata, sources: tuple, target: str, batch, normalized, library_size) -> ad.AnnData:
-    """`predict` from several sources (see there)."""
+    sources = self._check_sources(source if isinstance(source, (tuple, list)) else (source,), target)
     target = self._check_modality(target)
-    if not hasattr(mdata, "mod"):
-      raise RunError(f"predicting from several sources {list(sources)} takes a MuData holding each of them, got "
-                     f"{type(mdata).__name__}")
     scale = self._check_scale(normalized, target)
-    first = self._modality_data(mdata, sources[0])
-    if first.n_obs == 0:
-      raise RunError("no cells given")
-    cells = {sources[0]: first}
-    for name in sources[1:]:
-      other = self._modality_data(mdata, name)
-      rows = other.obs_names.get_indexer(first.obs_names)
-      if (rows < 0).any():
-        missing = list(first.obs_names[rows < 0][:3])
-        raise RunError(f"{int((rows < 0).sum())} of the {first.n_obs} cells of {sources[0]!r} are not in {name!r} "
-                       f"(e.g. {missing}); predicting from {list(sources)} needs every cell in every source: subset "
-                       f"the MuData to the cells they share")
-      cells[name] = other[rows]
+    cells = self._source_cells(adata, sources)
+    first = cells[sources[0]]
     batch_index = self._target_batches(first, target, batch)
     nb_target = self._specs[target].likelihood == "NB"
     nb_sources = [m for m in sources if self._specs[m].likelihood == "NB"]
@@ -264,7 +210,7 @@ class Run:
     library = self._library_sizes(library_size, first.n_obs, target)
     inputs = [self._encoder_inputs(cells[m], m, with_library=m == library_source) for m in sources]
     reps, counts = tuple(rep for rep, _ in inputs), tuple(c for _, c in inputs)
-    fn = self._compiled_fn(("predict", sources, target, library_source), lambda: prediction.make_predict_joint(
+    fn = self._compiled_fn(("predict", sources, target, library_source), lambda: prediction.make_predict(
         self.model, sources, target, library_source))
     values = encoding.in_chunks(fn, self.state, self._mesh, np.arange(first.n_obs), lambda rows: (
         tuple(None if r is None else r[rows] for r in reps), tuple(c[rows].toarray() for c in counts),
@@ -272,8 +218,43 @@ class Run:
     total = self._median_library(target) if scale == "log1p" else None
     out = ad.AnnData(X=prediction.on_scale(values, scale, total), obs=first.obs.copy(),
                      var=pd.DataFrame(index=self.features(target)))
-    out.uns["clue_prediction"] = {"source": list(sources), "target": target, "scale": scale}
+    out.uns["clue_prediction"] = {"source": sources[0] if len(sources) == 1 else list(sources), "target": target,
+                                  "scale": scale}
     return out
+
+  def _check_sources(self, sources, target: str) -> tuple:
+    sources = tuple(self._check_modality(name) for name in sources)
+    if not sources:
+      raise RunError("source=(): name at least one source modality")
+    if len(set(sources)) < len(sources):
+      raise RunError(f"source={sources!r} names a modality twice")
+    if sources == (target,):
+      raise RunError(f"source and target are both {target!r}; predict() translates between two modalities")
+    if target in sources:
+      raise RunError(f"the target {target!r} is among the sources {list(sources)}; predict() translates from other "
+                     f"modalities")
+    return sources
+
+  def _source_cells(self, adata, sources: tuple) -> dict:
+    """{source: its cells}: those of `adata` for one source; for several, the first source's cells of the MuData
+    and, in their order, the same cells of every other source."""
+    if len(sources) > 1 and not hasattr(adata, "mod"):
+      raise RunError(f"predicting from several sources {list(sources)} takes a MuData holding each of them, got "
+                     f"{type(adata).__name__}")
+    first = self._modality_data(adata, sources[0])
+    if first.n_obs == 0:
+      raise RunError("no cells given")
+    cells = {sources[0]: first}
+    for name in sources[1:]:
+      other = self._modality_data(adata, name)
+      rows = other.obs_names.get_indexer(first.obs_names)
+      if (rows < 0).any():
+        missing = list(first.obs_names[rows < 0][:3])
+        raise RunError(f"{int((rows < 0).sum())} of the {first.n_obs} cells of {sources[0]!r} are not in {name!r} "
+                       f"(e.g. {missing}); predicting from {list(sources)} needs every cell in every source: subset "
+                       f"the MuData to the cells they share")
+      cells[name] = other[rows]
+    return cells
 
   def _check_scale(self, normalized, target: str) -> str:
     scale = {False: "counts", None: "counts", True: "log1p"}.get(normalized, normalized)

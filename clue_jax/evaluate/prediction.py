@@ -4,7 +4,7 @@ The source cells' posterior means (L2-normalised when the model was trained with
 target's subspace and decoded by the target's decoder (evaluation mode) with the given target batch; the prediction
 is the mean of the decoder's distribution. Unlike the reference, the means of ZIN and ZILN include the zero
 inflation, and NB targets take a library size: the source encoder's estimate for the target (an NB source), or one
-given per cell. Several sources (`make_predict_joint`) decode their joint embedding, formed as training forms it.
+given per cell. Several sources decode their joint embedding, formed as training forms it.
 """
 
 import jax
@@ -33,34 +33,14 @@ def distribution_mean(likelihood: str, params):
   raise ValueError(f"unknown likelihood {likelihood!r}")
 
 
-def make_predict(model: CLUE, source: str, target: str, library_from_source: bool):
-  """`predict(state, rep, counts, batch_index, library) -> (B, target features)` means.
+def make_predict(model: CLUE, sources: tuple, target: str, library_source: str | None):
+  """`predict(state, reps, counts, batch_index, library) -> (B, target features)` means.
 
-  `rep` / `counts` are the source's encoder inputs; `batch_index` the target batch of each cell; `library` the NB
-  target's library size per cell (ignored when `library_from_source`, or for other targets).
-  """
-  likelihood = next(s.likelihood for s in model.specs if s.name == target)
-  target_index = model.names.index(target)
-
-  def predict(state, rep, counts, batch_index, library):
-    variables = {"params": state.params, "batch_stats": state.batch_stats}
-    loc, _, source_library = model.apply(variables, source, rep, counts, False, library_from_source,
-                                         method=CLUE.encode)
-    u = losses.l2_normalize(loc) if model.normalize_u else loc
-    if library_from_source:
-      library = source_library[:, target_index]
-    return _decode_mean(model, variables, target, likelihood, u, batch_index, library)
-
-  return predict
-
-
-def make_predict_joint(model: CLUE, sources: tuple, target: str, library_source: str | None):
-  """`predict(state, reps, counts, batch_index, library) -> (B, target features)` means from several sources.
-
-  `reps` / `counts`: one encoder input per source, in `sources` order. The cells' joint embedding is the mean over the
-  sources of their posterior means, each L2-normalised and the mean re-normalised when `model.normalize_u` (as the
-  joint-cross loss forms it from samples, docs/method.md §2); `library_source`: the NB source whose library head
-  gives the target's library size (None: `library` is used).
+  `reps` / `counts`: the encoder inputs of each of `sources`, in order; `batch_index` the target batch of each cell;
+  `library` the NB target's library size per cell (ignored for other targets, and when `library_source` names the
+  NB source whose library head gives it). Several sources decode the cells' joint embedding: the mean of their
+  posterior means, each L2-normalised and the mean re-normalised when `model.normalize_u` (as the joint-cross loss
+  forms it from samples, docs/method.md §2).
   """
   likelihood = next(s.likelihood for s in model.specs if s.name == target)
   target_index = model.names.index(target)
@@ -74,17 +54,15 @@ def make_predict_joint(model: CLUE, sources: tuple, target: str, library_source:
       total = total + (losses.l2_normalize(loc) if model.normalize_u else loc)
       if name == library_source:
         library = source_library[:, target_index]
-    u = total / len(sources)
-    u = losses.l2_normalize(u) if model.normalize_u else u
-    return _decode_mean(model, variables, target, likelihood, u, batch_index, library)
+    u = total
+    if len(sources) > 1:
+      u = total / len(sources)
+      u = losses.l2_normalize(u) if model.normalize_u else u
+    params = model.apply(variables, target, model.subspace(u, target), batch_index,
+                         library if likelihood == "NB" else None, False, method=CLUE.decode)
+    return distribution_mean(likelihood, params)
 
   return predict
-
-
-def _decode_mean(model: CLUE, variables, target: str, likelihood: str, u, batch_index, library):
-  params = model.apply(variables, target, model.subspace(u, target), batch_index,
-                       library if likelihood == "NB" else None, False, method=CLUE.decode)
-  return distribution_mean(likelihood, params)
 
 
 def on_scale(counts: np.ndarray, scale: str, total: float | None = None) -> np.ndarray:
